@@ -1,0 +1,42 @@
+# ggufloop: every set-up step lives here; `make chat` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GGUFLOOP_BACKEND ?= cpu
+export GGUFLOOP_BACKEND
+
+.PHONY: backend stock models chat test test-fast bench clean
+
+# the project's virtual environment, with the tools that build the backend
+$(VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q scikit-build-core cmake ninja
+	touch $@
+
+# patched llama-cpp-python (cached wheel), then ggufloop itself
+backend: $(VENV)/.ready
+	$(PY) patches/build.py --backend $(GGUFLOOP_BACKEND)
+	$(PY) -m pip install -q -e '.[test]'
+
+# the same llama-cpp-python without the patch, in its own environment, for side-by-side runs
+stock:
+	$(PYTHON) -m venv .venv-stock
+	.venv-stock/bin/python -m pip install -q --upgrade pip scikit-build-core cmake ninja
+	.venv-stock/bin/python patches/build.py --stock --backend $(GGUFLOOP_BACKEND)
+	.venv-stock/bin/python -m pip install -q -e '.[test]'
+
+models: backend
+	$(VENV)/bin/ggufloop models fetch
+
+chat: backend
+	$(VENV)/bin/ggufloop chat --loop 10:15x3 --mix uniform
+
+test: models
+	$(PY) -m pytest -q
+
+test-fast: backend
+	$(PY) -m pytest -q -m "not models"
+
+clean:
+	rm -rf build $(VENV) .venv-stock

@@ -1,0 +1,87 @@
+"""ctypes declarations of the C functions that ggufloop's patch adds to llama.cpp.
+
+The same shared library as llama-cpp-python's own bindings; declared in its style. When the
+installed llama-cpp-python is a stock build, the functions are missing and ``require_patched``
+says how to build the patched one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from llama_cpp import llama_cpp as _llama
+
+_lib = _llama._lib
+
+PATCHED = hasattr(_lib, "llama_loop_last_error")
+
+
+class BackendError(RuntimeError):
+    """The installed llama-cpp-python cannot run a loop plan, or refused one (with llama.cpp's reason)."""
+
+
+def require_patched() -> None:
+    """Raise BackendError unless llama-cpp-python is ggufloop's patched build."""
+    if not PATCHED:
+        raise BackendError(
+            "the installed llama-cpp-python is not ggufloop's patched build, so it cannot loop layers; "
+            "build it with `make backend` (GGUFLOOP_BACKEND=cpu|metal|cuda)")
+
+
+def _declare(name: str, argtypes: list, restype):
+    if not PATCHED:
+        return None
+    fn = getattr(_lib, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+llama_model_p = _llama.llama_model_p_ctypes
+llama_context_p = _llama.llama_context_p_ctypes
+
+# int32_t llama_model_n_layer_phys(const struct llama_model * model);
+llama_model_n_layer_phys = _declare("llama_model_n_layer_phys", [llama_model_p], ctypes.c_int32)
+
+# int32_t llama_model_layer_schedule(const struct llama_model * model, int32_t * layers, int32_t n_max);
+llama_model_layer_schedule = _declare(
+    "llama_model_layer_schedule", [llama_model_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32)
+
+# bool llama_model_loop_plan(const struct llama_model * model, int32_t * start, int32_t * end, int32_t * count);
+llama_model_loop_plan = _declare(
+    "llama_model_loop_plan",
+    [llama_model_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32)],
+    ctypes.c_bool)
+
+# int32_t llama_model_set_loop(struct llama_model * model, int32_t start, int32_t end, int32_t count);
+llama_model_set_loop = _declare(
+    "llama_model_set_loop", [llama_model_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
+
+# int32_t llama_model_set_layer_schedule(struct llama_model * model, const char * layers);
+llama_model_set_layer_schedule = _declare(
+    "llama_model_set_layer_schedule", [llama_model_p, ctypes.c_char_p], ctypes.c_int32)
+
+# int32_t llama_set_loop_mix(struct llama_context * ctx, const char * mix, float beta, float temperature, uint32_t seed);
+llama_set_loop_mix = _declare(
+    "llama_set_loop_mix", [llama_context_p, ctypes.c_char_p, ctypes.c_float, ctypes.c_float, ctypes.c_uint32],
+    ctypes.c_int32)
+
+# const char * llama_get_loop_mix(const struct llama_context * ctx, float * beta, float * temperature, uint32_t * seed);
+llama_get_loop_mix = _declare(
+    "llama_get_loop_mix",
+    [llama_context_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint32)],
+    ctypes.c_char_p)
+
+# const char * llama_loop_last_error(void);
+llama_loop_last_error = _declare("llama_loop_last_error", [], ctypes.c_char_p)
+
+
+def last_error() -> str:
+    """The reason of the backend's last refusal in this thread ('' when none)."""
+    return llama_loop_last_error().decode("utf-8", "replace") if PATCHED else ""
+
+
+def check(status: int) -> None:
+    """Raise BackendError with llama.cpp's reason when a ggufloop C call refused."""
+    if status != 0:
+        raise BackendError(last_error() or "refused by the backend")

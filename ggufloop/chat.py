@@ -1,0 +1,82 @@
+"""`ggufloop chat`: an interactive looped chat with the model's own chat template."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from .cli import USER_ERRORS, command, describe, load, runtime_options
+from .plan import Mix
+
+HELP = "commands: /loop PLAN (e.g. /loop 12:16x2, /loop none), /mix MIX, /reset, /quit"
+
+
+def stream_reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str:
+    """Stream the assistant's answer to stdout and return it."""
+    t0, n, parts = time.perf_counter(), 0, []
+    for chunk in llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=temp, stream=True):
+        text = chunk["choices"][0]["delta"].get("content") or ""
+        if text:
+            click.echo(text, nl=False)
+            parts.append(text)
+        n += 1
+    secs = time.perf_counter() - t0
+    click.echo()
+    click.secho(f"[{n} tokens, {n / secs:.1f} tok/s, {describe(llm)}]", fg="cyan", err=True)
+    return "".join(parts)
+
+
+def handle_command(llm, line: str, messages: list[dict]) -> bool:
+    """Run a /command; returns False to quit."""
+    cmd, _, arg = line.partition(" ")
+    if cmd in ("/quit", "/exit"):
+        return False
+    try:
+        if cmd == "/reset":
+            messages.clear()
+            llm.reset()
+            click.echo("(conversation cleared)")
+        elif cmd == "/loop" and arg:
+            llm.set_loop(arg.strip())
+            click.echo(f"({describe(llm)})")
+        elif cmd == "/mix" and arg:
+            llm.set_mix(Mix.parse(arg))
+            click.echo(f"({describe(llm)})")
+        else:
+            click.echo(HELP)
+    except USER_ERRORS as err:
+        click.echo(f"error: {err}")
+    return True
+
+
+@command
+@click.command()
+@click.argument("model", required=False)
+@click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True, help="Longest answer.")
+@click.option("--temp", type=click.FloatRange(0.0), default=0.7, show_default=True, help="Sampling temperature.")
+@click.option("--system", default=None, help="A system message.")
+@runtime_options
+def chat(model: "str | None", max_tokens: int, temp: float, system: "str | None", **opts) -> None:
+    """Chat with MODEL under a loop plan; MODEL defaults to the packaged SmolLM2-135M-Instruct.
+
+    Type a message and press Enter; /loop, /mix, /reset and /quit change the session.
+    """
+    llm = load(model, **opts)
+    click.echo(f"ggufloop chat: {describe(llm)}. {HELP}")
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            break
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not handle_command(llm, line, messages):
+                break
+            continue
+        messages.append({"role": "user", "content": line})
+        messages.append({"role": "assistant", "content": stream_reply(llm, messages, max_tokens, temp)})
+    llm.close()

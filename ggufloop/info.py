@@ -1,0 +1,34 @@
+"""`ggufloop info MODEL`: what a GGUF file holds and whether it can loop."""
+
+from __future__ import annotations
+
+import click
+
+from .cli import command
+from .modelinfo import SUPPORTED_ARCHS, model_info
+from .models import resolve
+
+
+@command
+@click.command()
+@click.argument("model")
+def info(model: str) -> None:
+    """Show a model's architecture, layers, width, quantization, size and stored plan.
+
+    MODEL is a GGUF file or a packaged model name (see `ggufloop models list`).
+    """
+    mi = model_info(resolve(model))
+    support = "yes" if mi.loop_supported else f"no (supported: {', '.join(SUPPORTED_ARCHS)})"
+    rows = [
+        ("file", str(mi.path)),
+        ("architecture", mi.arch),
+        ("layers", str(mi.n_layer)),
+        ("width", str(mi.n_embd)),
+        ("quantization", mi.quant),
+        ("size", f"{mi.size_bytes / 2**20:.1f} MiB"),
+        ("chat template", "yes" if mi.has_chat_template else "no"),
+        ("looping supported", support),
+        ("stored plan", str(mi.stored_plan)),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:>18}: {value}")

@@ -1,0 +1,131 @@
+"""Build llama-cpp-python with ggufloop's patch to its vendored llama.cpp, and install it.
+
+Downloads the pinned sdist from the package registry with pip, checks its sha256, applies
+patches/ggufloop.patch (or nothing, with --stock), builds a wheel for the chosen backend and
+caches it under a key of patch content, backend, CMake flags and platform; a second run with
+nothing changed only reinstalls the cached wheel. Standard library only: it runs before the
+project's dependencies exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+from pathlib import Path
+
+VERSION = "0.3.36"
+SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+PATCH = Path(__file__).resolve().parent / "ggufloop.patch"
+ROOT = PATCH.parent.parent
+
+BACKEND_FLAGS = {
+    "cpu": [],
+    "metal": ["-DGGML_METAL=on"],
+    "cuda": ["-DGGML_CUDA=on"],
+}
+COMMON_FLAGS = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+
+
+def fail(msg: str) -> None:
+    print(f"build: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(cmd), flush=True)
+    if subprocess.call(cmd, **kw) != 0:
+        fail(f"command failed: {' '.join(cmd)}")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_sdist(cache: Path) -> Path:
+    """The pinned sdist, downloaded once and checked every time."""
+    path = cache / "sdist" / SDIST
+    if not path.exists():
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "--no-build-isolation", f"llama-cpp-python=={VERSION}", "-d", str(path.parent)])
+    digest = sha256(path)
+    if digest != SDIST_SHA256:
+        fail(f"{path} has sha256 {digest}, expected {SDIST_SHA256}; delete it and retry")
+    return path
+
+
+def cache_key(patch: bytes, backend: str, flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in (SDIST_SHA256, patch.hex(), backend, " ".join(flags), sysconfig.get_platform(),
+                 f"cp{sys.version_info.major}{sys.version_info.minor}"):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_wheel(sdist: Path, patch: bytes, flags: list[str], out: Path, work: Path) -> Path:
+    """Extract, patch and build; returns the wheel."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(work, filter="data")
+    src = work / f"llama_cpp_python-{VERSION}"
+    if patch:
+        proc = subprocess.run(["patch", "-p1", "--batch", "--forward", "-d", str(src / "vendor" / "llama.cpp")],
+                              input=patch, capture_output=True)
+        if proc.returncode != 0:
+            fail("the patch does not apply to llama-cpp-python "
+                 f"{VERSION}:\n{proc.stdout.decode()}{proc.stderr.decode()}")
+    env = dict(os.environ, CMAKE_ARGS=" ".join(flags))
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    out.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)], env=env)
+    shutil.rmtree(work)
+    return next(out.glob("llama_cpp_python-*.whl"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=sorted(BACKEND_FLAGS), default=os.environ.get("GGUFLOOP_BACKEND", "cpu"))
+    ap.add_argument("--stock", action="store_true", help="build without the patch (for side-by-side comparison)")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
+        "GGUFLOOP_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ggufloop")))
+    ap.add_argument("--no-install", action="store_true", help="only build (or find) the wheel")
+    args = ap.parse_args()
+
+    if not PATCH.exists():
+        fail(f"missing {PATCH}")
+    patch = b"" if args.stock else PATCH.read_bytes()
+    flags = COMMON_FLAGS + BACKEND_FLAGS[args.backend]
+    key = cache_key(patch, args.backend, flags)
+    wheels = args.cache / "wheels" / f"{'stock' if args.stock else 'ggufloop'}-{args.backend}-{key}"
+    wheel = next(wheels.glob("*.whl"), None)
+    if wheel is None:
+        sdist = fetch_sdist(args.cache)
+        print(f"build: building llama-cpp-python {VERSION} ({'stock' if args.stock else 'patched'}, "
+              f"{args.backend}); this takes several minutes", flush=True)
+        wheel = build_wheel(sdist, patch, flags, wheels, ROOT / "build" / f"src-{key}")
+    else:
+        print(f"build: using cached wheel {wheel}")
+    if args.no_install:
+        return
+    stamp = Path(sys.prefix) / "ggufloop-backend.stamp"
+    if stamp.exists() and stamp.read_text() == str(wheel):
+        print(f"build: {wheel.name} is installed already")
+        return
+    run([sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", str(wheel)])
+    stamp.write_text(str(wheel))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny F32 models written once per session, and logits helpers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny import ARCHS, Spec, make_weights, write_model  # noqa: E402
+
+PROMPT = [1, 17, 5, 42, 8, 33, 60, 12, 9, 71, 23, 4, 55, 38, 14, 90, 27, 3, 66, 11]  # longer than the gemma3 window
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dir) -> dict[str, tuple[Spec, dict, Path]]:
+    """arch -> (spec, weights, path of the F32 GGUF)."""
+    out = {}
+    for arch in ARCHS:
+        spec = Spec(arch)
+        weights = make_weights(spec, seed=ARCHS.index(arch))
+        out[arch] = (spec, weights, write_model(tiny_dir / f"{arch}.gguf", spec, weights))
+    return out
+
+
+def open_model(path, loop=None, n_batch=64, **kw):
+    """A LoopedLlama on the CPU with every position's logits kept."""
+    from ggufloop import LoopedLlama
+
+    kw.setdefault("n_ctx", 128)
+    return LoopedLlama(str(path), loop=loop, n_batch=n_batch, n_ubatch=n_batch, logits_all=True,
+                       n_threads=2, n_threads_batch=2, seed=0, **kw)
+
+
+def eval_logits(llm, tokens, step: int | None = None) -> np.ndarray:
+    """Logits of every position: the whole prompt at once, or step tokens per call."""
+    llm.reset()
+    step = step or len(tokens)
+    for i in range(0, len(tokens), step):
+        llm.eval(tokens[i:i + step])
+    return np.array(llm.scores[: len(tokens)], dtype=np.float64)
+
+
+def logits(path, loop=None, tokens=PROMPT, step=None, **kw) -> np.ndarray:
+    llm = open_model(path, loop=loop, **kw)
+    try:
+        return eval_logits(llm, tokens, step)
+    finally:
+        llm.close()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))

@@ -1,0 +1,145 @@
+"""A plain numpy forward pass of the tiny test models, with layer schedules and every mix.
+
+Written from the architectures' definitions and METHOD.md's mixing rules, independently of the
+C++ patch: the reference the patched backend is checked against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tiny import Spec, layer_weights
+
+M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def gelu_ggml(x: np.ndarray) -> np.ndarray:
+    """ggml's CPU GELU: tanh approximation looked up in an fp16 table."""
+    x16 = x.astype(np.float16).astype(np.float32)
+    y = 0.5 * x16 * (1.0 + np.tanh(np.float32(0.7978845608028654) * x16 * (1.0 + np.float32(0.044715) * x16 * x16)))
+    y = y.astype(np.float16).astype(np.float32)
+    return np.where(x <= -10, 0.0, np.where(x >= 10, x, y))
+
+
+def rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool) -> np.ndarray:
+    """x: [tokens, heads, dim]; rotary embedding of every head."""
+    d = x.shape[-1]
+    theta = pos[:, None] * base ** (-np.arange(0, d, 2) / d)  # [tokens, d/2]
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    if neox:
+        a, b = x[..., : d // 2], x[..., d // 2:]
+        return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+    return out
+
+
+def layer(spec: Spec, w: dict, x: np.ndarray, pos: np.ndarray, swa: bool) -> np.ndarray:
+    """One decoder layer of the architecture on the states x [tokens, n_embd]."""
+    T, H, KV, D = len(x), spec.n_head, spec.n_head_kv, spec.head_dim
+    h = rms_norm(x, w["attn_norm.weight"], spec.eps)
+    q, k, v = h @ w["attn_q.weight"].T, h @ w["attn_k.weight"].T, h @ w["attn_v.weight"].T
+    if "attn_q.bias" in w:
+        q, k, v = q + w["attn_q.bias"], k + w["attn_k.bias"], v + w["attn_v.bias"]
+    q, k, v = q.reshape(T, H, D), k.reshape(T, KV, D), v.reshape(T, KV, D)
+    if "attn_q_norm.weight" in w:
+        q, k = rms_norm(q, w["attn_q_norm.weight"], spec.eps), rms_norm(k, w["attn_k_norm.weight"], spec.eps)
+    base = spec.rope_base_swa if swa else spec.rope_base
+    q, k = rope(q, pos, base, spec.neox), rope(k, pos, base, spec.neox)
+    k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)
+    scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(D)
+    allowed = pos[None, :] <= pos[:, None]
+    if swa:
+        allowed &= pos[:, None] - pos[None, :] < spec.n_swa
+    scores = np.where(allowed[None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    attn = np.einsum("hts,shd->thd", p, v).reshape(T, H * D) @ w["attn_output.weight"].T
+    if spec.arch == "gemma3":
+        attn = rms_norm(attn, w["post_attention_norm.weight"], spec.eps)
+    x = x + attn
+    h = rms_norm(x, w["ffn_norm.weight"], spec.eps)
+    gate, up = h @ w["ffn_gate.weight"].T, h @ w["ffn_up.weight"].T
+    act = gelu_ggml(gate) if spec.arch == "gemma3" else gate / (1.0 + np.exp(-gate))
+    ffn = (act * up) @ w["ffn_down.weight"].T
+    if spec.arch == "gemma3":
+        ffn = rms_norm(ffn, w["post_ffw_norm.weight"], spec.eps)
+    return x + ffn
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & M64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & M64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & M64
+        return x ^ (x >> np.uint64(31))
+
+
+def noise_directions(seed: int, il: int, pos: np.ndarray, n_embd: int) -> np.ndarray:
+    """The noise control's standard normal draws for virtual layer il, keyed by position."""
+    h_layer = _splitmix64(_splitmix64(np.uint64(seed)) ^ np.uint64(il))
+    h_token = _splitmix64(h_layer ^ pos.astype(np.uint32).astype(np.uint64))[:, None]
+    d = np.arange(n_embd, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):
+        r1 = _splitmix64((h_token + np.uint64(2) * d) & M64)
+        r2 = _splitmix64((h_token + np.uint64(2) * d + np.uint64(1)) & M64)
+    u1 = ((r1 >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * 2.0**-53
+    u2 = (r2 >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
+
+
+def _norm(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
+
+
+def mix_passes(name: str, outs: list[np.ndarray], beta: float, temperature: float,
+               noise: "np.ndarray | None") -> np.ndarray:
+    """The state passed on after pass t = len(outs)-1, from the raw outputs C[0..t] of one block layer."""
+    t, ref, cur = len(outs) - 1, outs[0], outs[-1]
+    if t == 0 or name == "none":
+        return cur
+    if name == "uniform":
+        return np.mean(outs, axis=0)
+    if name == "ema":
+        return (1 - beta) * ref + beta * cur
+    if name == "autoalign":
+        cos = np.stack([np.sum(ref * c, -1) / (_norm(ref)[:, 0] * _norm(c)[:, 0]) for c in outs])  # [t+1, tokens]
+        wts = np.exp((cos - cos.max(0)) / temperature)
+        wts /= wts.sum(0)
+        return np.einsum("pt,ptd->td", wts, np.stack(outs))
+    if name == "noise":
+        size = _norm(np.mean(outs, axis=0) - ref)
+        return ref + noise / _norm(noise) * size
+    raise ValueError(name)
+
+
+def forward(spec: Spec, weights: dict, tokens: list[int], start: int = 0, end: int = 0, count: int = 1,
+            mix: str = "none", beta: float = 0.5, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Logits of every position for the plan (start, end, count) with the given mix."""
+    x = weights["token_embd.weight"][tokens].astype(np.float64)
+    if spec.arch == "gemma3":
+        x = x * np.sqrt(spec.n_embd)
+    pos = np.arange(len(tokens))
+    layers = [layer_weights(weights, il) for il in range(spec.n_layer)]
+    swa = [spec.arch == "gemma3" and spec.swa_pattern[il] for il in range(spec.n_layer)]
+    m = end - start
+    for il in range(start):
+        x = layer(spec, layers[il], x, pos, swa[il])
+    if m > 0:
+        outs: list[list[np.ndarray]] = [[] for _ in range(m)]
+        for t in range(count):
+            for j in range(m):
+                il = start + j
+                outs[j].append(layer(spec, layers[il], x, pos, swa[il]))
+                virtual = start + t * m + j
+                noise = noise_directions(seed, virtual, pos, spec.n_embd) if mix == "noise" and t else None
+                x = mix_passes(mix, outs[j], beta, temperature, noise)
+    for il in range(max(end, start), spec.n_layer):
+        x = layer(spec, layers[il], x, pos, swa[il])
+    x = rms_norm(x, weights["output_norm.weight"], spec.eps)
+    head = weights.get("output.weight", weights["token_embd.weight"])
+    return x @ head.T

@@ -1,0 +1,222 @@
+"""The patched backend's layer schedules, against independent references:
+the unlooped model, a file with physically duplicated layers, and incremental decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+
+import llama_cpp
+import numpy as np
+import pytest
+from conftest import PROMPT, eval_logits, logits, open_model, rel_err
+from tiny import ARCHS, Spec, make_weights, write_model
+
+from ggufloop import BackendError, LoopedLlama, LoopPlan
+from ggufloop import _lib
+
+PLANS = ["2:4x3", "1:5x2", "0:6x2", "3:6x3", "0:4,1:6"]  # mid, wide, whole model, block at the end, general
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_count_one_is_bit_identical_to_no_plan(tiny_models, arch):
+    _, _, path = tiny_models[arch]
+    base = logits(path)
+    for plan in ("2:4x1", "0:6x1"):
+        assert np.array_equal(logits(path, plan), base), plan
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("plan", PLANS)
+def test_plan_matches_physically_duplicated_file(tiny_models, tiny_dir, arch, plan):
+    spec, weights, path = tiny_models[arch]
+    schedule = LoopPlan.parse(plan).schedule(spec.n_layer)
+    dup = write_model(tiny_dir / f"{arch}-dup-{plan.replace(':', '_').replace(',', '-')}.gguf", spec, weights, schedule)
+    looped = logits(path, plan)
+    assert rel_err(looped, logits(dup)) < 1e-5
+    assert rel_err(looped, logits(path)) > 1e-3  # the plan does change the model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_incremental_decoding_matches_full_prompt(tiny_models, arch):
+    _, _, path = tiny_models[arch]
+    llm = open_model(path, "2:5x3")
+    full = eval_logits(llm, PROMPT)
+    assert rel_err(eval_logits(llm, PROMPT, step=1), full) < 1e-4
+    assert rel_err(eval_logits(llm, PROMPT, step=7), full) < 1e-4
+    llm.close()
+
+
+def test_schedule_is_read_back(tiny_models):
+    _, _, path = tiny_models["llama"]
+    llm = open_model(path, "2:4x3")
+    assert llm.n_layer_phys == 6
+    assert llm.schedule == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
+    assert str(llm.plan) == "2:4x3"
+    assert llama_cpp.llama_model_n_layer(llm._model.model) == 10
+    llm.close()
+    llm = open_model(path, "0:4,1:6")
+    assert llm.schedule == [0, 1, 2, 3, 1, 2, 3, 4, 5]
+    assert str(llm.plan) == "0:4,1:6"
+    llm.close()
+
+
+def test_change_schedule_of_a_loaded_model(tiny_models):
+    _, _, path = tiny_models["qwen3"]
+    llm = open_model(path)
+    base = eval_logits(llm, PROMPT)
+    llm.set_loop("2:4x3")
+    assert llm.schedule == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
+    assert np.array_equal(eval_logits(llm, PROMPT), logits(path, "2:4x3"))
+    llm.set_loop(None)
+    assert np.array_equal(eval_logits(llm, PROMPT), base)
+    llm.close()
+
+
+def test_schedule_cannot_change_while_a_context_exists(tiny_models):
+    _, _, path = tiny_models["llama"]
+    llm = open_model(path, "2:4x2")
+    assert _lib.llama_model_set_loop(llm._model.model, 1, 3, 2) == -1
+    assert "context" in _lib.last_error()
+    assert llm.schedule == [0, 1, 2, 3, 2, 3, 4, 5]
+    llm.close()
+
+
+def _batch_logits(ctx, seqs: dict[int, list[int]], n_vocab: int) -> dict[int, np.ndarray]:
+    """Decode several sequences in one batch; the last position's logits of each."""
+    n = sum(len(t) for t in seqs.values())
+    batch = llama_cpp.llama_batch_init(n, 0, len(seqs))
+    out_idx = {}
+    i = 0
+    for seq, toks in seqs.items():
+        for pos, tok in enumerate(toks):
+            batch.token[i] = tok
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = pos == len(toks) - 1
+            if batch.logits[i]:
+                out_idx[seq] = i
+            i += 1
+    batch.n_tokens = n
+    assert llama_cpp.llama_decode(ctx, batch) == 0
+    res = {s: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j), shape=(n_vocab,)).copy()
+           for s, j in out_idx.items()}
+    llama_cpp.llama_batch_free(batch)
+    return res
+
+
+def test_two_sequences_in_one_batch_and_removing_one(tiny_models):
+    _, _, path = tiny_models["gemma3"]
+    llm = open_model(path, "2:5x2", n_seq_max=2, kv_unified=True)
+    ctx, n_vocab = llm._ctx.ctx, llm.n_vocab()
+    a, b = PROMPT[:12], PROMPT[5:17]
+    both = _batch_logits(ctx, {0: a, 1: b}, n_vocab)
+    ref_a = eval_logits(llm, a)[-1]
+    ref_b = eval_logits(llm, b)[-1]
+    assert rel_err(both[0], ref_a) < 1e-4 and rel_err(both[1], ref_b) < 1e-4
+
+    mem = llama_cpp.llama_get_memory(ctx)
+    llama_cpp.llama_memory_clear(mem, True)
+    _batch_logits(ctx, {0: a, 1: b}, n_vocab)
+    assert llama_cpp.llama_memory_seq_rm(mem, 1, -1, -1)
+    assert llama_cpp.llama_memory_seq_pos_max(mem, 1) == -1
+    # sequence 0 goes on as if sequence 1 had never been there
+    nxt = _batch_logits(ctx, {0: a + [7]}, n_vocab)  # re-decoding positions 0..12 after a clear
+    llama_cpp.llama_memory_clear(mem, True)
+    assert rel_err(nxt[0], eval_logits(llm, a + [7])[-1]) < 1e-4
+    llm.close()
+
+
+def test_state_round_trip_and_refusal_under_another_plan(tiny_models):
+    _, _, path = tiny_models["llama"]
+    llm = open_model(path, "2:4x3")
+    eval_logits(llm, PROMPT[:10])
+    state = llm.save_state()
+    llm.eval(PROMPT[10:15])
+    after = np.array(llm.scores[14])
+    llm.load_state(state)
+    llm.eval(PROMPT[10:15])
+    assert np.array_equal(np.array(llm.scores[14]), after)
+
+    llm.set_loop("1:3x3")  # same virtual depth, other layers: the KV cache would not fit
+    with pytest.raises(BackendError, match="saved under plan '2:4x3'"):
+        llm.load_state(state)
+    llm.close()
+
+
+@pytest.mark.parametrize("plan, reason", [
+    ("4:9x2", "out of range"),
+    ("2:4x0", "count must be >= 1"),
+    ("0:6x200", "limit of 512"),
+    ("0:4,3:9", "out of range"),
+    ("0:6x1/uniform", None),  # fine: a K=1 plan with a mix is the unlooped model
+])
+def test_refusals_reach_python_with_the_reason(tiny_models, plan, reason):
+    _, _, path = tiny_models["llama"]
+    if reason is None:
+        open_model(path, plan).close()
+        return
+    with pytest.raises((BackendError, ValueError), match=reason):
+        open_model(path, plan)
+
+
+def test_unsupported_architecture_is_refused(tiny_dir):
+    spec = Spec("smollm3")
+    path = write_model(tiny_dir / "smollm3.gguf", spec, make_weights(Spec("llama")))
+    open_model(path).close()  # loads fine without a plan
+    with pytest.raises(BackendError, match="architecture 'smollm3' does not support layer schedules"):
+        open_model(path, "1:3x2")
+
+
+def test_plan_keys_from_the_file_and_overrides(tiny_models, tiny_dir):
+    spec, weights, path = tiny_models["llama"]
+    baked = write_model(tiny_dir / "baked.gguf", spec, weights,
+                        extra_kv={"ggufloop.loop.start": 2, "ggufloop.loop.end": 4, "ggufloop.loop.count": 3})
+    llm = open_model(baked)
+    assert str(llm.plan) == "2:4x3"
+    llm.close()
+    llm = open_model(baked, "none")  # an explicit plan overrides the stored one
+    assert llm.schedule == list(range(6))
+    llm.close()
+    with pytest.raises(BackendError, match="start, ggufloop.loop.end and ggufloop.loop.count together"):
+        LoopedLlama(str(path), kv_overrides={"ggufloop.loop.start": 1}, verbose=False)
+
+
+def test_kv_cache_grows_by_the_layer_ratio_and_weights_do_not(tiny_models):
+    _, _, path = tiny_models["llama"]
+    sizes = {}
+    for plan in (None, "2:4x3"):
+        with capture_llama_log() as log:
+            llm = open_model(path, plan, n_ctx=4096)
+        kv = re.search(r"llama_kv_cache: size = +([0-9.]+) MiB \( *4096 cells, +(\d+) layers", "".join(log))
+        sizes[plan] = (llama_cpp.llama_model_size(llm._model.model), llama_cpp.llama_model_n_params(llm._model.model),
+                       float(kv.group(1)), int(kv.group(2)))
+        llm.close()
+    assert sizes[None][:2] == sizes["2:4x3"][:2]  # weights: same bytes, same parameters
+    assert sizes[None][3] == 6 and sizes["2:4x3"][3] == 10
+    assert sizes["2:4x3"][2] == pytest.approx(sizes[None][2] * 10 / 6, rel=1e-3)
+
+
+@contextlib.contextmanager
+def capture_llama_log():
+    """Collect llama.cpp's log lines while the block runs."""
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        from llama_cpp import _logger
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def test_stock_library_is_detected(monkeypatch):
+    monkeypatch.setattr(_lib, "PATCHED", False)
+    with pytest.raises(BackendError, match="make backend"):
+        _lib.require_patched()

@@ -1,0 +1,38 @@
+"""Smoke tests on the real quantized models from models/ (fetched by `make models`)."""
+
+from __future__ import annotations
+
+import re
+
+import llama_cpp
+import pytest
+from test_backend import capture_llama_log
+
+from ggufloop import LoopedLlama, models
+
+pytestmark = pytest.mark.models
+
+CASES = [("smollm2-135m-instruct", "10:15x3", 30, 40), ("gemma3-270m", "6:10x3", 18, 26)]
+
+
+@pytest.mark.parametrize("name, plan, n_layer, n_virtual", CASES)
+def test_looped_plan_generates_and_costs_only_kv(name, plan, n_layer, n_virtual):
+    path = models.fetch(name, quiet=True)
+    seen = {}
+    for loop in (None, plan + "/uniform"):
+        with capture_llama_log() as log:
+            llm = LoopedLlama(str(path), loop=loop, n_ctx=1024, n_threads=2, verbose=False)
+        # one line per cache (gemma3 has one for its sliding-window layers and one for the others)
+        caches = re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells, +(\d+) layers", "".join(log))
+        out = llm.create_completion("The capital of France is", max_tokens=12, temperature=0.0)
+        text = out["choices"][0]["text"]
+        assert out["usage"]["completion_tokens"] > 0 and text.strip()
+        seen[loop] = (llama_cpp.llama_model_size(llm._model.model), caches, llm.virtual_depth)
+        llm.close()
+    (w0, kv0, d0), (w1, kv1, d1) = seen[None], seen[plan + "/uniform"]
+    assert (d0, d1) == (n_layer, n_virtual)
+    assert w1 == w0
+    assert sum(int(c[2]) for c in kv0) == n_layer and sum(int(c[2]) for c in kv1) == n_virtual
+    for (size0, cells0, layers0), (size1, cells1, layers1) in zip(kv0, kv1):
+        assert cells0 == cells1
+        assert float(size1) / int(layers1) == pytest.approx(float(size0) / int(layers0), rel=2e-3)
