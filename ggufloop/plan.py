@@ -63,22 +63,23 @@ class Mix:
             raise PlanError(f"unknown mix {name!r}: expected one of {', '.join(MIXES)}")
         if not arg:
             return cls(name)
+        if name not in ("ema", "autoalign", "noise"):
+            raise PlanError(f"mix {name!r} takes no parameter, got {arg!r}")
         try:
-            if name == "ema":
-                return cls(name, beta=float(arg))
-            if name == "autoalign":
-                return cls(name, temperature=float(arg))
-            if name == "noise":
-                return cls(name, seed=int(arg))
+            value = int(arg) if name == "noise" else float(arg)
         except ValueError:
             raise PlanError(f"bad parameter {arg!r} for mix {name!r}") from None
-        raise PlanError(f"mix {name!r} takes no parameter, got {arg!r}")
+        if name == "ema":
+            return cls(name, beta=value)
+        if name == "autoalign":
+            return cls(name, temperature=value)
+        return cls(name, seed=value)
 
     def __str__(self) -> str:
         if self.name == "ema" and self.beta != DEFAULT_BETA:
-            return f"ema:{self.beta:g}"
+            return f"ema:{self.beta!r}"
         if self.name == "autoalign" and self.temperature != DEFAULT_TEMPERATURE:
-            return f"autoalign:{self.temperature:g}"
+            return f"autoalign:{self.temperature!r}"
         if self.name == "noise" and self.seed:
             return f"noise:{self.seed}"
         return self.name

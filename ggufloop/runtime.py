@@ -41,6 +41,10 @@ class LoopedLlama(llama_cpp.Llama):
                 raise _lib.BackendError(reason) from None
             raise _lib.BackendError(f"llama.cpp could not load {model_path}: {err}") from None
 
+    def close(self) -> None:
+        if "_stack" in self.__dict__:  # __init__ may have refused before Llama set anything up
+            super().close()
+
     # -- what the backend runs --------------------------------------------------------------
 
     @property

@@ -12,6 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny import ARCHS, Spec, make_weights, write_model  # noqa: E402
 
+# tolerance between two F32 computations of one model (batch shapes, numpy): 1e-4; gemma3's GELU
+# goes through llama.cpp's fp16 lookup table, whose rounding flips with tiny input differences and
+# already puts ~5e-5 between batch shapes of the unlooped model
+TOL = {"llama": 1e-4, "qwen2": 1e-4, "qwen3": 1e-4, "gemma3": 3e-4}
+
 PROMPT = [1, 17, 5, 42, 8, 33, 60, 12, 9, 71, 23, 4, 55, 38, 14, 90, 27, 3, 66, 11]  # longer than the gemma3 window
 
 
@@ -32,10 +37,13 @@ def tiny_models(tiny_dir) -> dict[str, tuple[Spec, dict, Path]]:
 
 
 def open_model(path, loop=None, n_batch=64, **kw):
-    """A LoopedLlama on the CPU with every position's logits kept."""
+    """A LoopedLlama on the CPU with every position's logits kept and an F32 KV cache
+    (an F16 cache alone puts ~3e-4 between batch shapes, looped or not)."""
     from ggufloop import LoopedLlama
 
     kw.setdefault("n_ctx", 128)
+    kw.setdefault("type_k", 0)  # GGML_TYPE_F32
+    kw.setdefault("type_v", 0)
     return LoopedLlama(str(path), loop=loop, n_batch=n_batch, n_ubatch=n_batch, logits_all=True,
                        n_threads=2, n_threads_batch=2, seed=0, **kw)
 
