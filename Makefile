@@ -17,14 +17,17 @@ $(VENV)/.ready: pyproject.toml
 # patched llama-cpp-python (cached wheel), then ggufloop itself
 backend: $(VENV)/.ready
 	$(PY) patches/build.py --backend $(GGUFLOOP_BACKEND)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,server]'
 
 # the same llama-cpp-python without the patch, in its own environment, for side-by-side runs
-stock:
+.venv-stock/.ready:
 	$(PYTHON) -m venv .venv-stock
 	.venv-stock/bin/python -m pip install -q --upgrade pip scikit-build-core cmake ninja
+	touch $@
+
+stock: .venv-stock/.ready
 	.venv-stock/bin/python patches/build.py --stock --backend $(GGUFLOOP_BACKEND)
-	.venv-stock/bin/python -m pip install -q -e '.[test]'
+	.venv-stock/bin/python -m pip install -q -e '.[test,server]'
 
 models: backend
 	$(VENV)/bin/ggufloop models fetch
@@ -37,6 +40,10 @@ test: models
 
 test-fast: backend
 	$(PY) -m pytest -q -m "not models"
+
+# speed and memory side by side (docs/benchmarks.md); needs the stock build for comparison
+bench: models stock
+	$(VENV)/bin/ggufloop bench
 
 clean:
 	rm -rf build $(VENV) .venv-stock

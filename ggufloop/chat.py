@@ -16,11 +16,12 @@ def stream_reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str
     """Stream the assistant's answer to stdout and return it."""
     t0, n, parts = time.perf_counter(), 0, []
     for chunk in llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=temp, stream=True):
-        text = chunk["choices"][0]["delta"].get("content") or ""
+        choice = chunk["choices"][0]
+        text = choice["delta"].get("content") or ""
         if text:
             click.echo(text, nl=False)
             parts.append(text)
-        n += 1
+            n += 1
     secs = time.perf_counter() - t0
     click.echo()
     click.secho(f"[{n} tokens, {n / secs:.1f} tok/s, {describe(llm)}]", fg="cyan", err=True)

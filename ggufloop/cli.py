@@ -101,4 +101,4 @@ def command(fn: Callable) -> Callable:
 
 
 # each command module registers its command on import
-from . import bake, chat, generate, info, models_cmd  # noqa: E402,F401
+from . import bake, bench, chat, generate, info, models_cmd, serve  # noqa: E402,F401

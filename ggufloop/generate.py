@@ -15,8 +15,9 @@ def stream_completion(llm, prompt: str, max_tokens: int, temp: float, seed: int)
     llm.set_seed(seed)
     t0, n = time.perf_counter(), 0
     for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temp, seed=seed, stream=True):
-        click.echo(chunk["choices"][0]["text"], nl=False)
-        n += 1
+        choice = chunk["choices"][0]
+        click.echo(choice["text"], nl=False)
+        n += choice["finish_reason"] is None  # the closing chunk carries no token
     click.echo()
     return n, time.perf_counter() - t0
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,6 +33,10 @@ BACKEND_FLAGS = {
     "cuda": ["-DGGML_CUDA=on"],
 }
 COMMON_FLAGS = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+# ggml's AMX kernels (picked by -march=native on Sapphire Rapids and later) die with SIGILL where the
+# OS or hypervisor does not enable AMX tiles, as on the machines this project is tested on
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+X86_FLAGS = [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 
 def fail(msg: str) -> None:
@@ -86,7 +92,7 @@ def build_wheel(sdist: Path, patch: bytes, flags: list[str], out: Path, work: Pa
         if proc.returncode != 0:
             fail("the patch does not apply to llama-cpp-python "
                  f"{VERSION}:\n{proc.stdout.decode()}{proc.stderr.decode()}")
-    env = dict(os.environ, CMAKE_ARGS=" ".join(flags))
+    env = dict(os.environ, CMAKE_ARGS=shlex.join(flags))
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     out.mkdir(parents=True, exist_ok=True)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)], env=env)
@@ -107,6 +113,8 @@ def main() -> None:
         fail(f"missing {PATCH}")
     patch = b"" if args.stock else PATCH.read_bytes()
     flags = COMMON_FLAGS + BACKEND_FLAGS[args.backend]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags += X86_FLAGS
     key = cache_key(patch, args.backend, flags)
     wheels = args.cache / "wheels" / f"{'stock' if args.stock else 'ggufloop'}-{args.backend}-{key}"
     wheel = next(wheels.glob("*.whl"), None)

@@ -24,7 +24,7 @@ class Spec:
     n_head_kv: int = 2
     head_dim: int = 16
     n_ff: int = 96
-    n_vocab: int = 96
+    n_vocab: int = 288  # 3 control, 256 byte-fallback, 29 words
     n_ctx: int = 512
     eps: float = 1e-6
     rope_base: float = 10000.0
@@ -104,13 +104,14 @@ def write_model(path: "str | Path", spec: Spec, weights: dict[str, np.ndarray],
         w.add_sliding_window(spec.n_swa)
         w.add_array(f"{arch}.attention.sliding_window_pattern", [bool(spec.swa_pattern[il]) for il in layer_map])
         w.add_float32(f"{arch}.rope.freq_base_swa", spec.rope_base_swa)
-    # a tiny SentencePiece-style vocabulary: the tests feed token ids directly
-    tokens = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(spec.n_vocab - 3)]
+    # a tiny SentencePiece vocabulary with byte fallback, so any text tokenizes
+    n_words = spec.n_vocab - 259
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + [f"\u2581w{i}" for i in range(n_words)]
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
-    w.add_token_scores([0.0] * spec.n_vocab)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(n_words)])
     w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.NORMAL] * (spec.n_vocab - 3))
+                      + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * n_words)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     for key, value in (extra_kv or {}).items():

@@ -1,0 +1,256 @@
+"""Speed and memory of looping, measured side by side in one run.
+
+Every variant runs in its own process (the stock library and the patched one cannot share a
+process), with the same threads and flags; variants are interleaved and repeated and medians
+reported. Variants: stock llama-cpp-python (``make stock``), the patched build with no plan, the
+patched build with a plan at K = 2, 3, 4 (naive, and each mix at K = 3), and the stock build
+running a file whose layers are physically duplicated to the same schedule.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+
+from .cli import command, quiet_llama_logs
+from .modelinfo import model_info
+from .plan import LoopPlan
+
+ROOT = Path(__file__).resolve().parent.parent
+STOCK_PYTHON = ROOT / ".venv-stock" / "bin" / "python"
+MIXES = ("uniform", "ema", "autoalign", "noise")
+
+
+@dataclass
+class Variant:
+    name: str
+    python: str              # interpreter: the patched or the stock environment
+    model: str
+    plan: str = "none"       # passed as metadata overrides (the stock build ignores them)
+    ideal: float = 1.0       # virtual depth / physical depth
+
+
+@dataclass
+class Result:
+    variant: str
+    prefill_tps: list[float] = field(default_factory=list)
+    decode_tps: list[float] = field(default_factory=list)
+    peak_rss_mib: list[float] = field(default_factory=list)
+    weights_mib: float = 0.0
+    kv_mib: float = 0.0
+
+
+def worker(spec: dict) -> dict:
+    """Runs in the variant's own process: load, warm up, time prefill and decode."""
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    kv = LoopPlan.parse(spec["plan"]).kv_overrides() if spec["plan"] != "none" else None
+    n_prompt, n_decode = spec["n_prompt"], spec["n_decode"]
+    llm = llama_cpp.Llama(spec["model"], n_ctx=n_prompt + n_decode + 16, n_batch=n_prompt, n_ubatch=n_prompt,
+                          n_threads=spec["threads"], n_threads_batch=spec["threads"], kv_overrides=kv, verbose=False)
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))  # Llama() installs its own logger
+    tokens = [(i * 7919) % (llm.n_vocab() - 100) + 50 for i in range(n_prompt + n_decode)]
+    llm.eval(tokens[:32])  # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(tokens[:n_prompt])
+    t1 = time.perf_counter()
+    for tok in tokens[n_prompt:]:
+        llm.eval([tok])
+    t2 = time.perf_counter()
+    kv_mib = sum(float(m) for m in re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB", "".join(lines)))
+    out = {"prefill_tps": n_prompt / (t1 - t0), "decode_tps": n_decode / (t2 - t1),
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "weights_mib": llama_cpp.llama_model_size(llm._model.model) / 2**20, "kv_mib": kv_mib}
+    llm.close()
+    return out
+
+
+def run_variant(v: Variant, threads: int, n_prompt: int, n_decode: int) -> dict:
+    spec = {"model": v.model, "plan": v.plan, "threads": threads, "n_prompt": n_prompt, "n_decode": n_decode}
+    proc = subprocess.run([v.python, "-m", "ggufloop.bench", json.dumps(spec)], capture_output=True, text=True,
+                          cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"variant {v.name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def variants(model: Path, start: int, end: int, counts: tuple[int, ...], stock: bool, work: Path) -> list[Variant]:
+    """The variants of one model; the duplicated files are written into work."""
+    from .duplicate import write_duplicated
+
+    n_layer = model_info(model).n_layer
+    me = sys.executable
+    out = [Variant("patched, no plan", me, str(model))]
+    if stock:
+        out.insert(0, Variant("stock", str(STOCK_PYTHON), str(model)))
+    for k in counts:
+        plan = LoopPlan(start, end, k)
+        ideal = plan.virtual_depth(n_layer) / n_layer
+        out.append(Variant(f"{start}:{end}x{k} none", me, str(model), str(plan), ideal))
+        if k == 3:
+            out += [Variant(f"{start}:{end}x{k} {mix}", me, str(model), f"{plan}/{mix}", ideal) for mix in MIXES]
+        if stock:
+            dup = work / f"{model.stem}-dup-{start}-{end}x{k}.gguf"
+            if not dup.exists():
+                write_duplicated(model, dup, plan.schedule(n_layer))
+            out.append(Variant(f"{start}:{end}x{k} duplicated file (stock)", str(STOCK_PYTHON), str(dup), "none", ideal))
+    return out
+
+
+def summarize(results: dict[str, Result], vs: list[Variant]) -> list[dict]:
+    """Medians and the ratios the targets are stated in."""
+    med = {name: (statistics.median(r.prefill_tps), statistics.median(r.decode_tps)) for name, r in results.items()}
+    base = med["patched, no plan"]
+    rows = []
+    for v in vs:
+        r = results[v.name]
+        p, d = med[v.name]
+        naive = med.get(f"{v.name.split()[0]} none") if v.plan.count("/") else None
+        rows.append({
+            "variant": v.name, "ideal_ratio": round(v.ideal, 4),
+            "prefill_tps": round(p, 1), "decode_tps": round(d, 1),
+            "prefill_time_ratio": round(base[0] / p, 4), "decode_time_ratio": round(base[1] / d, 4),
+            "vs_ideal_prefill": round(base[0] / p / v.ideal, 4), "vs_ideal_decode": round(base[1] / d / v.ideal, 4),
+            "vs_naive_prefill": round(naive[0] / p, 4) if naive else None,
+            "vs_naive_decode": round(naive[1] / d, 4) if naive else None,
+            "speed_vs_stock_prefill": round(p / med["stock"][0], 4) if "stock" in med else None,
+            "speed_vs_stock_decode": round(d / med["stock"][1], 4) if "stock" in med else None,
+            "peak_rss_mib": round(statistics.median(r.peak_rss_mib), 1),
+            "weights_mib": round(r.weights_mib, 2), "kv_mib": round(r.kv_mib, 2),
+        })
+    return rows
+
+
+def markdown(model: str, rows: list[dict], meta: dict) -> str:
+    cols = ["variant", "prefill_tps", "decode_tps", "ideal_ratio", "prefill_time_ratio", "decode_time_ratio",
+            "vs_naive_prefill", "vs_naive_decode", "speed_vs_stock_prefill", "speed_vs_stock_decode",
+            "weights_mib", "kv_mib", "peak_rss_mib"]
+    out = [f"### {model}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+@command
+@click.command()
+@click.argument("models", nargs=-1)
+@click.option("--block", default=None, metavar="S:E", help="Block to loop (default: the middle third of the layers).")
+@click.option("--counts", default="2,3,4", show_default=True, help="Loop counts K to measure.")
+@click.option("--repeats", "-r", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--threads", "-t", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(8), default=512, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--no-stock", is_flag=True, help="Skip the stock-build variants (no `make stock`).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default="docs", show_default=True)
+def bench(models: tuple[str, ...], block: "str | None", counts: str, repeats: int, threads: int,
+          prompt_tokens: int, decode_tokens: int, no_stock: bool, output: str) -> None:
+    """Measure prefill and decode speed and memory of looping on MODELS (default: the packaged ones)."""
+    from .models import CATALOG, resolve
+
+    quiet_llama_logs()
+    stock = not no_stock
+    if stock and not STOCK_PYTHON.exists():
+        raise FileNotFoundError("the stock build is missing: run `make stock`, or pass --no-stock")
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = ROOT / "build" / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    ks = tuple(int(k) for k in counts.split(","))
+    meta = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu": _cpu_name(), "threads": threads, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
+            "repeats": repeats, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    report, data = [], {"meta": meta, "models": {}}
+    for name in models or tuple(CATALOG):
+        path = resolve(name)
+        n_layer = model_info(path).n_layer
+        s, e = (int(x) for x in block.split(":")) if block else (n_layer // 3, n_layer // 3 + max(1, n_layer // 6))
+        vs = variants(path, s, e, ks, stock, work)
+        results = {v.name: Result(v.name) for v in vs}
+        with click.progressbar(length=repeats * len(vs), label=f"{path.stem}", file=sys.stderr) as bar:
+            for _ in range(repeats):
+                for v in vs:  # interleaved, so drift in machine load hits every variant alike
+                    m = run_variant(v, threads, prompt_tokens, decode_tokens)
+                    r = results[v.name]
+                    r.prefill_tps.append(m["prefill_tps"])
+                    r.decode_tps.append(m["decode_tps"])
+                    r.peak_rss_mib.append(m["peak_rss_mib"])
+                    r.weights_mib, r.kv_mib = m["weights_mib"], m["kv_mib"]
+                    bar.update(1)
+        rows = summarize(results, vs)
+        data["models"][path.stem] = {"block": f"{s}:{e}", "n_layer": n_layer, "rows": rows,
+                                     "raw": [asdict(r) for r in results.values()]}
+        report.append(markdown(f"{path.stem} ({n_layer} layers, block {s}:{e})", rows, meta))
+        click.echo(report[-1])
+    (out_dir / "benchmarks.json").write_text(json.dumps(data, indent=1))
+    _plot(data, out_dir / "benchmarks.png")
+    (out_dir / "benchmarks.md").write_text(_page(meta, report) + "\n![time ratios](benchmarks.png)\n")
+    click.echo(f"wrote {out_dir / 'benchmarks.md'} and {out_dir / 'benchmarks.json'}", err=True)
+
+
+def _plot(data: dict, path: Path) -> None:
+    """Time over the unlooped model against the ideal ratio, per variant and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(data["models"]), figsize=(6 * len(data["models"]), 5), squeeze=False)
+    for ax, (model, d) in zip(axes[0], data["models"].items()):
+        rows = d["rows"]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["prefill_time_ratio"] for r in rows], 0.4, label="prefill")
+        ax.bar([i + 0.2 for i in x], [r["decode_time_ratio"] for r in rows], 0.4, label="decode")
+        ax.scatter(list(x), [r["ideal_ratio"] for r in rows], color="k", marker="_", s=400, zorder=3, label="ideal")
+        ax.set_xticks(list(x), [r["variant"] for r in rows], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("time / unlooped time")
+        ax.set_title(model)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _page(meta: dict, report: list[str]) -> str:
+    head = ["# Benchmarks", "",
+            f"Machine: {meta['cpu']} ({meta['machine']}), {meta['threads']} threads, Python {meta['python']}, "
+            f"{meta['date']}. Prefill: {meta['prompt_tokens']} tokens in one batch; decode: {meta['decode_tokens']} "
+            f"tokens one at a time. Medians of {meta['repeats']} interleaved runs, each in its own process.",
+            "", "Reproduce: `make bench` (or `ggufloop bench MODEL ...`).", "",
+            "Columns: `*_time_ratio` is the variant's time over the unlooped patched build's; `ideal_ratio` is "
+            "(L + (K-1)m)/L; `vs_naive_*` is a mix's time over naive looping on the same plan; `speed_vs_stock_*` is "
+            "speed over the stock build's. Memory in MiB: weights and KV cache as llama.cpp reports them, peak "
+            "resident set of the process.", ""]
+    return "\n".join(head + report)
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.argv[1]))))

@@ -1,0 +1,73 @@
+"""Write a GGUF whose layers are physically duplicated to a schedule ("passthrough" merge).
+
+The alternative ggufloop replaces: same compute as a plan, but the weights grow by the repeated
+layers. Used as the independent reference and by the benchmark. Tensors are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .modelinfo import check_gguf
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def _swa_flags(reader: gguf.GGUFReader, arch: str, n_layer: int) -> "list[bool] | None":
+    """Gemma-style sliding-window flags per layer, from an array or a period (llama.cpp's rule)."""
+    field = reader.fields.get(f"{arch}.attention.sliding_window_pattern")
+    if field is None:
+        return None
+    if field.types[0] == gguf.GGUFValueType.ARRAY:
+        return [bool(v) for v in field.contents()]
+    period = int(field.contents())
+    return [period == 0 or il % period < period - 1 for il in range(n_layer)]
+
+
+def write_duplicated(src: "str | Path", dst: "str | Path", schedule: list[int]) -> Path:
+    """dst runs physical layers schedule[v] as its layers v = 0..len-1, with no loop plan."""
+    check_gguf(src)
+    reader = gguf.GGUFReader(src)
+    arch = bytes(reader.fields[gguf.Keys.General.ARCHITECTURE].parts[-1]).decode()
+    n_layer = int(reader.fields[f"{arch}.block_count"].contents())
+    swa = _swa_flags(reader, arch, n_layer)
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    for field in reader.fields.values():
+        name = field.name
+        if name == gguf.Keys.General.ARCHITECTURE or name.startswith(("GGUF.", "ggufloop.")):
+            continue
+        if name == f"{arch}.block_count":
+            writer.add_uint32(name, len(schedule))
+            continue
+        if name == f"{arch}.attention.sliding_window_pattern":
+            writer.add_array(name, [swa[il] for il in schedule])
+            continue
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        value = field.contents()
+        if sub_type is not None and name.startswith(f"{arch}.") and len(value) == n_layer:
+            value = [value[il] for il in schedule]  # a per-layer hyperparameter
+        writer.add_key_value(name, value, val_type, sub_type=sub_type)
+    tensors: list[tuple[str, gguf.ReaderTensor]] = []
+    layers: dict[int, list[tuple[str, gguf.ReaderTensor]]] = {}
+    for t in reader.tensors:
+        m = _BLOCK.match(t.name)
+        if m:
+            layers.setdefault(int(m.group(1)), []).append((m.group(2), t))
+        else:
+            tensors.append((t.name, t))
+    for v, il in enumerate(schedule):
+        tensors += [(f"blk.{v}.{suffix}", t) for suffix, t in layers[il]]
+    for name, t in tensors:
+        writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, t in tensors:
+        writer.write_tensor_data(np.asarray(t.data), tensor_endianess=reader.endianess)
+    writer.close()
+    return Path(dst)

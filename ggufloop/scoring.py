@@ -1,0 +1,199 @@
+"""Log-likelihoods of multiple-choice continuations, fast on a CPU.
+
+The tokens an item's choices share (its context) are decoded once on one sequence, whose KV
+cache is then shared with one sequence per choice (llama.cpp's sequence copy), and each choice
+decodes only its own tokens. Several items go in one batch, and only the positions that predict a
+continuation token produce logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+from . import _lib
+from .plan import LoopPlan
+from .runtime import LoopedLlama
+from .tasks import Item
+
+
+@dataclass
+class _Prepared:
+    item: Item
+    tokens: list[list[int]]  # per choice: context + continuation
+    starts: list[int]        # per choice: index of the first continuation token
+    shared: int              # leading tokens common to every choice, decoded once
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+class Scorer:
+    """Scores items under a loop plan; one model load serves several plans (set_plan)."""
+
+    def __init__(self, model_path: str, plan: "LoopPlan | str | None" = None, n_ctx: int = 4096,
+                 n_batch: int = 1024, n_seq: int = 16, threads: "int | None" = None, **kwargs) -> None:
+        self.llm = LoopedLlama(model_path, loop=LoopPlan.parse(plan), n_ctx=64, n_batch=64, n_threads=threads,
+                               n_threads_batch=threads, **kwargs)
+        self.n_ctx, self.n_batch, self.n_seq = n_ctx, n_batch, n_seq
+        self.n_vocab = self.llm.n_vocab()
+        self.ctx = None
+        self._open_context()
+
+    def _open_context(self) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = self.n_ctx, self.n_batch, min(self.n_batch, 512)
+        params.n_seq_max, params.kv_unified = self.n_seq, True
+        params.n_threads = params.n_threads_batch = self.llm.context_params.n_threads
+        self.ctx = llama_cpp.llama_init_from_model(self.llm._model.model, params)
+        if self.ctx is None:
+            raise _lib.BackendError("llama.cpp could not create a scoring context")
+        mix = self.llm.plan.mix
+        _lib.check(_lib.llama_set_loop_mix(self.ctx, mix.name.encode(), mix.beta, mix.temperature, mix.seed))
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        self.llm.close()
+
+    @property
+    def plan(self) -> LoopPlan:
+        return self.llm.plan
+
+    def set_plan(self, plan: "LoopPlan | str | None") -> None:
+        """Run another plan on the same model load."""
+        llama_cpp.llama_free(self.ctx)
+        self.ctx = None
+        try:
+            self.llm.set_loop(plan)
+        finally:
+            self._open_context()
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def prepare(self, item: Item) -> _Prepared:
+        tokens, starts = [], []
+        for context, continuation in item.requests():
+            ctx = self._tokenize(context)
+            whole = self._tokenize(context + continuation)
+            start = _common_prefix([ctx, whole])  # where the tokenizer merges across the boundary
+            if start == len(whole):
+                start = len(whole) - 1
+            tokens.append(whole)
+            starts.append(max(start, 1))
+        shared = min(_common_prefix(tokens), min(starts))
+        return _Prepared(item, tokens, starts, shared)
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def score(self, items: list[Item]) -> list[list[float]]:
+        """Log-likelihood of every choice of every item."""
+        prepared = [self.prepare(it) for it in items]
+        out: list[list[float]] = []
+        i = 0
+        while i < len(prepared):
+            group, seqs, toks = [], 0, 0
+            while i < len(prepared):
+                p = prepared[i]
+                need_seq = len(p.tokens)
+                need_tok = p.shared + sum(len(t) - p.shared for t in p.tokens)
+                if group and (seqs + need_seq > self.n_seq or toks + need_tok > self.n_batch):
+                    break
+                if need_seq > self.n_seq or need_tok > self.n_ctx:
+                    raise _lib.BackendError(f"item {p.item.id} needs {need_tok} tokens and {need_seq} sequences, "
+                                            f"more than the scoring context ({self.n_ctx}, {self.n_seq})")
+                group.append(p)
+                seqs, toks = seqs + need_seq, toks + need_tok
+                i += 1
+            out += self._score_group(group)
+        return out
+
+    def _score_group(self, group: list[_Prepared]) -> list[list[float]]:
+        llama_cpp.llama_memory_clear(self.mem, True)
+        # 1. shared contexts, one sequence per item, logits only at the last shared position
+        base, entries = 0, []
+        for p in group:
+            entries += [(tok, pos, base, pos == p.shared - 1) for pos, tok in enumerate(p.tokens[0][:p.shared])]
+            base += len(p.tokens)
+        shared_rows = self._decode(entries)
+        # 2. every choice on its own sequence, sharing the context's cache
+        base, entries = 0, []
+        for p in group:
+            for c, toks in enumerate(p.tokens):
+                if c and p.shared:
+                    llama_cpp.llama_memory_seq_cp(self.mem, base, base + c, -1, -1)
+                entries += [(toks[pos], pos, base + c, pos >= p.starts[c] - 1 and pos < len(toks) - 1)
+                            for pos in range(p.shared, len(toks))]
+            base += len(p.tokens)
+        choice_rows = self._decode(entries)
+        # 3. sum the log-probabilities of the continuation tokens
+        results, base = [], 0
+        for p in group:
+            lls = []
+            for c, toks in enumerate(p.tokens):
+                ll = 0.0
+                for k in range(p.starts[c], len(toks)):
+                    row = shared_rows[(base, k - 1)] if k - 1 < p.shared else choice_rows[(base + c, k - 1)]
+                    ll += float(row[toks[k]])
+                lls.append(ll)
+            results.append(lls)
+            base += len(p.tokens)
+        return results
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> dict[tuple[int, int], np.ndarray]:
+        """Decode (token, position, sequence, wants logits) entries in chunks of n_batch; returns
+        the log-softmax rows keyed by (sequence, position)."""
+        rows: dict[tuple[int, int], np.ndarray] = {}
+        for at in range(0, len(entries), self.n_batch):
+            chunk = entries[at:at + self.n_batch]
+            batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
+            try:
+                for j, (tok, pos, seq, logits) in enumerate(chunk):
+                    batch.token[j], batch.pos[j], batch.n_seq_id[j] = tok, pos, 1
+                    batch.seq_id[j][0], batch.logits[j] = seq, logits
+                batch.n_tokens = len(chunk)
+                if llama_cpp.llama_decode(self.ctx, batch) != 0:
+                    raise _lib.BackendError("llama_decode failed while scoring")
+                for j, (_, pos, seq, logits) in enumerate(chunk):
+                    if logits:
+                        x = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, j), shape=(self.n_vocab,))
+                        x = x.astype(np.float64)
+                        m = x.max()
+                        rows[(seq, pos)] = x - (m + np.log(np.exp(x - m).sum()))
+            finally:
+                llama_cpp.llama_batch_free(batch)
+        return rows
+
+    def score_naive(self, items: list[Item]) -> list[list[float]]:
+        """The slow reference: every choice gets its own full forward pass."""
+        out = []
+        for it in items:
+            p = self.prepare(it)
+            lls = []
+            for c, toks in enumerate(p.tokens):
+                llama_cpp.llama_memory_clear(self.mem, True)
+                rows = self._decode([(t, pos, 0, pos >= p.starts[c] - 1 and pos < len(toks) - 1)
+                                     for pos, t in enumerate(toks)])
+                lls.append(sum(float(rows[(0, k - 1)][toks[k]]) for k in range(p.starts[c], len(toks))))
+            out.append(lls)
+        return out
+
+
+def accuracy(item: Item, lls: list[float]) -> tuple[bool, bool]:
+    """(acc, acc_norm): the choice of highest log-likelihood, raw and per character."""
+    conts = [c for _, c in item.requests()]
+    norm = [ll / max(1, len(c)) for ll, c in zip(lls, conts)]
+    return int(np.argmax(lls)) == item.gold, int(np.argmax(norm)) == item.gold
+
