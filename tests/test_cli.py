@@ -132,7 +132,8 @@ def test_serve_answers_with_the_plan(tmp_path):
                              "uniform", "--port", str(port), "-c", "512"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ))
     try:
-        body = json.dumps({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}).encode()
+        body = json.dumps({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+                           "repeat_penalty": 1.0}).encode()  # the server defaults to 1.1
         for _ in range(120):
             try:
                 req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
@@ -144,7 +145,7 @@ def test_serve_answers_with_the_plan(tmp_path):
         else:
             pytest.fail("the server did not answer")
         llm = LoopedLlama(str(path), loop="10:15x2/uniform", n_ctx=512, verbose=False)
-        expected = llm.create_completion("The capital of France is", max_tokens=8, temperature=0)
+        expected = llm.create_completion("The capital of France is", max_tokens=8, temperature=0, repeat_penalty=1.0)
         llm.close()
         assert reply["choices"][0]["text"] == expected["choices"][0]["text"]
     finally:
