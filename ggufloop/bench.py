@@ -46,9 +46,20 @@ class Result:
     variant: str
     prefill_tps: list[float] = field(default_factory=list)
     decode_tps: list[float] = field(default_factory=list)
-    peak_rss_mib: list[float] = field(default_factory=list)
+    rss_mib: list[float] = field(default_factory=list)
     weights_mib: float = 0.0
     kv_mib: float = 0.0
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process now (Linux), or its peak elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(spec: dict) -> dict:
@@ -63,6 +74,7 @@ def worker(spec: dict) -> dict:
 
     llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
     kv = LoopPlan.parse(spec["plan"]).kv_overrides() if spec["plan"] != "none" else None
+    rss0 = _rss_mib()
     n_prompt, n_decode = spec["n_prompt"], spec["n_decode"]
     llm = llama_cpp.Llama(spec["model"], n_ctx=n_prompt + n_decode + 16, n_batch=n_prompt, n_ubatch=n_prompt,
                           n_threads=spec["threads"], n_threads_batch=spec["threads"], kv_overrides=kv, verbose=False)
@@ -78,7 +90,7 @@ def worker(spec: dict) -> dict:
     t2 = time.perf_counter()
     kv_mib = sum(float(m) for m in re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB", "".join(lines)))
     out = {"prefill_tps": n_prompt / (t1 - t0), "decode_tps": n_decode / (t2 - t1),
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "rss_mib": _rss_mib() - rss0,
            "weights_mib": llama_cpp.llama_model_size(llm._model.model) / 2**20, "kv_mib": kv_mib}
     llm.close()
     return out
@@ -134,7 +146,7 @@ def summarize(results: dict[str, Result], vs: list[Variant]) -> list[dict]:
             "vs_naive_decode": round(naive[1] / d, 4) if naive else None,
             "speed_vs_stock_prefill": round(p / med["stock"][0], 4) if "stock" in med else None,
             "speed_vs_stock_decode": round(d / med["stock"][1], 4) if "stock" in med else None,
-            "peak_rss_mib": round(statistics.median(r.peak_rss_mib), 1),
+            "rss_mib": round(statistics.median(r.rss_mib), 1),
             "weights_mib": round(r.weights_mib, 2), "kv_mib": round(r.kv_mib, 2),
         })
     return rows
@@ -143,7 +155,7 @@ def summarize(results: dict[str, Result], vs: list[Variant]) -> list[dict]:
 def markdown(model: str, rows: list[dict], meta: dict) -> str:
     cols = ["variant", "prefill_tps", "decode_tps", "ideal_ratio", "prefill_time_ratio", "decode_time_ratio",
             "vs_naive_prefill", "vs_naive_decode", "speed_vs_stock_prefill", "speed_vs_stock_decode",
-            "weights_mib", "kv_mib", "peak_rss_mib"]
+            "weights_mib", "kv_mib", "rss_mib"]
     out = [f"### {model}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         out.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
@@ -192,7 +204,7 @@ def bench(models: tuple[str, ...], block: "str | None", counts: str, repeats: in
                     r = results[v.name]
                     r.prefill_tps.append(m["prefill_tps"])
                     r.decode_tps.append(m["decode_tps"])
-                    r.peak_rss_mib.append(m["peak_rss_mib"])
+                    r.rss_mib.append(m["rss_mib"])
                     r.weights_mib, r.kv_mib = m["weights_mib"], m["kv_mib"]
                     bar.update(1)
         rows = summarize(results, vs)
@@ -247,8 +259,9 @@ def _page(meta: dict, report: list[str]) -> str:
             "", "Reproduce: `make bench` (or `ggufloop bench MODEL ...`).", "",
             "Columns: `*_time_ratio` is the variant's time over the unlooped patched build's; `ideal_ratio` is "
             "(L + (K-1)m)/L; `vs_naive_*` is a mix's time over naive looping on the same plan; `speed_vs_stock_*` is "
-            "speed over the stock build's. Memory in MiB: weights and KV cache as llama.cpp reports them, peak "
-            "resident set of the process.", ""]
+            "speed over the stock build's. Memory in MiB: weights and KV cache as llama.cpp reports them; "
+            "`rss_mib` is the growth of the process's resident memory from before loading the model to after "
+            "decoding (mapped weights that were touched, KV cache, compute buffers).", ""]
     return "\n".join(head + report)
 
 

@@ -12,8 +12,9 @@ from . import _lib
 from .models import ModelFetchError
 from .modelinfo import ModelFileError
 from .plan import LoopPlan, Mix, PlanError
+from .tasks import TaskError
 
-USER_ERRORS = (PlanError, _lib.BackendError, ModelFileError, ModelFetchError, FileNotFoundError)
+USER_ERRORS = (PlanError, _lib.BackendError, ModelFileError, ModelFetchError, TaskError, FileNotFoundError)
 
 
 class Group(click.Group):
@@ -101,4 +102,4 @@ def command(fn: Callable) -> Callable:
 
 
 # each command module registers its command on import
-from . import bake, bench, chat, generate, info, models_cmd, serve  # noqa: E402,F401
+from . import bake, bench, chat, eval_cmd, generate, info, models_cmd, serve, sweep  # noqa: E402,F401

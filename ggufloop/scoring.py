@@ -39,19 +39,22 @@ class Scorer:
     """Scores items under a loop plan; one model load serves several plans (set_plan)."""
 
     def __init__(self, model_path: str, plan: "LoopPlan | str | None" = None, n_ctx: int = 4096,
-                 n_batch: int = 1024, n_seq: int = 16, threads: "int | None" = None, **kwargs) -> None:
+                 n_batch: int = 1024, n_seq: int = 16, threads: "int | None" = None,
+                 kv_type: "int | None" = None) -> None:
         self.llm = LoopedLlama(model_path, loop=LoopPlan.parse(plan), n_ctx=64, n_batch=64, n_threads=threads,
-                               n_threads_batch=threads, **kwargs)
-        self.n_ctx, self.n_batch, self.n_seq = n_ctx, n_batch, n_seq
+                               n_threads_batch=threads)
+        self.n_ctx, self.n_batch, self.n_seq, self.kv_type = n_ctx, n_batch, n_seq, kv_type
         self.n_vocab = self.llm.n_vocab()
         self.ctx = None
         self._open_context()
 
     def _open_context(self) -> None:
-        params = llama_cpp.llama_context_default_params()
+        # Llama's own settings (threads, flash attention off, ...) with room for several sequences
+        params = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)
         params.n_ctx, params.n_batch, params.n_ubatch = self.n_ctx, self.n_batch, min(self.n_batch, 512)
         params.n_seq_max, params.kv_unified = self.n_seq, True
-        params.n_threads = params.n_threads_batch = self.llm.context_params.n_threads
+        if self.kv_type is not None:
+            params.type_k = params.type_v = self.kv_type
         self.ctx = llama_cpp.llama_init_from_model(self.llm._model.model, params)
         if self.ctx is None:
             raise _lib.BackendError("llama.cpp could not create a scoring context")
@@ -93,6 +96,10 @@ class Scorer:
                 start = len(whole) - 1
             tokens.append(whole)
             starts.append(max(start, 1))
+        over = max(len(t) for t in tokens) - self.n_ctx
+        if over > 0:  # too long: drop the oldest context tokens (after BOS), as lm-evaluation-harness does
+            tokens = [t[:1] + t[1 + over:] for t in tokens]
+            starts = [max(1, s - over) for s in starts]
         shared = min(_common_prefix(tokens), min(starts))
         return _Prepared(item, tokens, starts, shared)
 
@@ -113,7 +120,8 @@ class Scorer:
                     break
                 if need_seq > self.n_seq or need_tok > self.n_ctx:
                     raise _lib.BackendError(f"item {p.item.id} needs {need_tok} tokens and {need_seq} sequences, "
-                                            f"more than the scoring context ({self.n_ctx}, {self.n_seq})")
+                                            f"more than the scoring context ({self.n_ctx}, {self.n_seq}): "
+                                            "its choices are too long")
                 group.append(p)
                 seqs, toks = seqs + need_seq, toks + need_tok
                 i += 1
