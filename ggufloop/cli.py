@@ -102,4 +102,4 @@ def command(fn: Callable) -> Callable:
 
 
 # each command module registers its command on import
-from . import bake, bench, chat, eval_cmd, generate, info, models_cmd, serve, sweep  # noqa: E402,F401
+from . import bake, bench, chat, eval_cmd, generate, info, models_cmd, serve, sweep, trace  # noqa: E402,F401
