@@ -241,6 +241,60 @@ def _plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def scoring_speed(model: Path, task: str, limit: int, threads: int) -> dict:
+    """Shared-context scoring against one full forward pass per choice, and against plain prefill speed."""
+    import llama_cpp
+
+    from .scoring import Scorer
+    from .tasks import TASKS
+
+    items = TASKS[task].items(limit=limit)
+    scorer = Scorer(str(model), None, threads=threads)
+    n_tokens = sum(len(t) for it in items for t in scorer.prepare(it).tokens)
+    t0 = time.perf_counter()
+    fast = scorer.score(items)
+    t1 = time.perf_counter()
+    naive = scorer.score_naive(items)
+    t2 = time.perf_counter()
+    scorer.close()
+    llm = llama_cpp.Llama(str(model), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    prompt = [(i * 7919) % (llm.n_vocab() - 100) + 50 for i in range(512)]
+    llm.eval(prompt[:32])
+    llm.reset()
+    t3 = time.perf_counter()
+    llm.eval(prompt)
+    prefill_tps = 512 / (time.perf_counter() - t3)
+    llm.close()
+    agree = max(abs(a - b) for fa, na in zip(fast, naive) for a, b in zip(fa, na))
+    return {"task": task, "items": len(items), "scored_tokens": n_tokens, "shared_s": round(t1 - t0, 2),
+            "naive_s": round(t2 - t1, 2), "speedup": round((t2 - t1) / (t1 - t0), 2),
+            "scored_tokens_per_s": round(n_tokens / (t1 - t0), 1), "prefill_tokens_per_s": round(prefill_tps, 1),
+            "prefill_over_scoring": round(prefill_tps / (n_tokens / (t1 - t0)), 2), "max_ll_difference": agree}
+
+
+@command
+@click.command("bench-scoring")
+@click.argument("model", default="smollm2-135m-instruct")
+@click.option("--tasks", default="arc_easy,hellaswag,winogrande", show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--threads", "-t", type=click.IntRange(1), default=2, show_default=True)
+def bench_scoring(model: str, tasks: str, limit: int, threads: int) -> None:
+    """Speed of benchmark scoring: shared contexts against one forward pass per choice.
+
+    "scored tokens" counts every choice's full token sequence, as the naive method evaluates them.
+    """
+    from .models import resolve
+
+    quiet_llama_logs()
+    path = resolve(model)
+    rows = [scoring_speed(path, t.strip(), limit, threads) for t in tasks.split(",")]
+    cols = list(rows[0])
+    click.echo(f"{path.stem}, {threads} threads\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        click.echo("| " + " | ".join(str(r[c]) for c in cols) + " |")
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

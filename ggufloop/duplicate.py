@@ -16,15 +16,21 @@ from .modelinfo import check_gguf
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
+# llama.cpp's period of sliding-window layers when a file has a window but no pattern key
+_DEFAULT_SWA_PERIOD = {"gemma3": 6}
+
 
 def _swa_flags(reader: gguf.GGUFReader, arch: str, n_layer: int) -> "list[bool] | None":
     """Gemma-style sliding-window flags per layer, from an array or a period (llama.cpp's rule)."""
     field = reader.fields.get(f"{arch}.attention.sliding_window_pattern")
     if field is None:
-        return None
-    if field.types[0] == gguf.GGUFValueType.ARRAY:
+        if f"{arch}.attention.sliding_window" not in reader.fields or arch not in _DEFAULT_SWA_PERIOD:
+            return None
+        period = _DEFAULT_SWA_PERIOD[arch]
+    elif field.types[0] == gguf.GGUFValueType.ARRAY:
         return [bool(v) for v in field.contents()]
-    period = int(field.contents())
+    else:
+        period = int(field.contents())
     return [period == 0 or il % period < period - 1 for il in range(n_layer)]
 
 
@@ -36,6 +42,8 @@ def write_duplicated(src: "str | Path", dst: "str | Path", schedule: list[int]) 
     n_layer = int(reader.fields[f"{arch}.block_count"].contents())
     swa = _swa_flags(reader, arch, n_layer)
     writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    if swa is not None:  # each copy keeps its source layer's attention type
+        writer.add_array(f"{arch}.attention.sliding_window_pattern", [swa[il] for il in schedule])
     for field in reader.fields.values():
         name = field.name
         if name == gguf.Keys.General.ARCHITECTURE or name.startswith(("GGUF.", "ggufloop.")):
@@ -44,7 +52,6 @@ def write_duplicated(src: "str | Path", dst: "str | Path", schedule: list[int]) 
             writer.add_uint32(name, len(schedule))
             continue
         if name == f"{arch}.attention.sliding_window_pattern":
-            writer.add_array(name, [swa[il] for il in schedule])
             continue
         val_type = field.types[0]
         sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
