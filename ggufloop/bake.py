@@ -12,9 +12,10 @@ import click
 import gguf
 
 from .cli import command
+from .gguf_rewrite import rewrite_gguf
 from .modelinfo import check_gguf, model_info
 from .models import resolve
-from .plan import KEY_COUNT, KEY_END, KEY_LAYERS, KEY_START, LoopPlan, Mix, PlanError
+from .plan import KEY_LAYERS, LoopPlan, Mix, PlanError
 
 
 def bake_plan(src: "str | Path", dst: "str | Path", plan: LoopPlan) -> Path:
@@ -24,31 +25,17 @@ def bake_plan(src: "str | Path", dst: "str | Path", plan: LoopPlan) -> Path:
     if src.resolve() == dst.resolve():
         raise PlanError("the output must be a new file, not the model itself")
     plan.validate(model_info(src).n_layer)
-    reader = gguf.GGUFReader(src)
-    arch = bytes(reader.fields[gguf.Keys.General.ARCHITECTURE].parts[-1]).decode()
-    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", "ggufloop.")):
-            continue
-        val_type = field.types[0]
-        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
-    for key, value in plan.kv_overrides().items():
-        if key in (KEY_START, KEY_END, KEY_COUNT) or isinstance(value, int):
-            writer.add_uint32(key, int(value))
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif key != KEY_LAYERS or value:
-            writer.add_string(key, value)
-    for tensor in reader.tensors:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
-    writer.close()
-    return dst
+
+    def add_plan(writer: gguf.GGUFWriter) -> None:
+        for key, value in plan.kv_overrides().items():
+            if isinstance(value, int):
+                writer.add_uint32(key, value)
+            elif isinstance(value, float):
+                writer.add_float32(key, value)
+            elif key != KEY_LAYERS or value:
+                writer.add_string(key, value)
+
+    return rewrite_gguf(gguf.GGUFReader(src), dst, add=add_plan)
 
 
 @command

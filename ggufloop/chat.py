@@ -35,7 +35,7 @@ def handle_command(llm, line: str, messages: list[dict]) -> bool:
         return False
     try:
         if cmd == "/reset":
-            messages.clear()
+            del messages[1 if messages and messages[0]["role"] == "system" else 0:]
             llm.reset()
             click.echo("(conversation cleared)")
         elif cmd == "/loop" and arg:

@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 
 import gguf
-import numpy as np
 
+from .gguf_rewrite import DROP, architecture, rewrite_gguf
 from .modelinfo import check_gguf
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -38,27 +38,23 @@ def write_duplicated(src: "str | Path", dst: "str | Path", schedule: list[int]) 
     """dst runs physical layers schedule[v] as its layers v = 0..len-1, with no loop plan."""
     check_gguf(src)
     reader = gguf.GGUFReader(src)
-    arch = bytes(reader.fields[gguf.Keys.General.ARCHITECTURE].parts[-1]).decode()
+    arch = architecture(reader)
     n_layer = int(reader.fields[f"{arch}.block_count"].contents())
     swa = _swa_flags(reader, arch, n_layer)
-    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
-    if swa is not None:  # each copy keeps its source layer's attention type
-        writer.add_array(f"{arch}.attention.sliding_window_pattern", [swa[il] for il in schedule])
-    for field in reader.fields.values():
-        name = field.name
-        if name == gguf.Keys.General.ARCHITECTURE or name.startswith(("GGUF.", "ggufloop.")):
-            continue
+
+    def edit(name: str, value):
         if name == f"{arch}.block_count":
-            writer.add_uint32(name, len(schedule))
-            continue
+            return len(schedule)
         if name == f"{arch}.attention.sliding_window_pattern":
-            continue
-        val_type = field.types[0]
-        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        value = field.contents()
-        if sub_type is not None and name.startswith(f"{arch}.") and len(value) == n_layer:
-            value = [value[il] for il in schedule]  # a per-layer hyperparameter
-        writer.add_key_value(name, value, val_type, sub_type=sub_type)
+            return DROP  # written anew below, one flag per layer
+        if isinstance(value, list) and name.startswith(f"{arch}.") and len(value) == n_layer:
+            return [value[il] for il in schedule]  # a per-layer hyperparameter
+        return value
+
+    def add_pattern(writer: gguf.GGUFWriter) -> None:
+        if swa is not None:  # each copy keeps its source layer's attention type
+            writer.add_array(f"{arch}.attention.sliding_window_pattern", [swa[il] for il in schedule])
+
     tensors: list[tuple[str, gguf.ReaderTensor]] = []
     layers: dict[int, list[tuple[str, gguf.ReaderTensor]]] = {}
     for t in reader.tensors:
@@ -69,12 +65,4 @@ def write_duplicated(src: "str | Path", dst: "str | Path", schedule: list[int]) 
             tensors.append((t.name, t))
     for v, il in enumerate(schedule):
         tensors += [(f"blk.{v}.{suffix}", t) for suffix, t in layers[il]]
-    for name, t in tensors:
-        writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for _, t in tensors:
-        writer.write_tensor_data(np.asarray(t.data), tensor_endianess=reader.endianess)
-    writer.close()
-    return Path(dst)
+    return rewrite_gguf(reader, dst, edit, add_pattern, tensors)
