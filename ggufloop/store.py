@@ -6,12 +6,13 @@ it stopped; a configuration (model, task, shots, plan with its mix) is never sco
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from .models import sha256_file
 
 DEFAULT_DB = Path(os.environ.get("GGUFLOOP_RESULTS", "results/ggufloop.sqlite"))
 
@@ -57,14 +58,11 @@ class Store:
                               (str(p), st.st_size, st.st_mtime)).fetchone()
         if row:
             return row[0]
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        digest = sha256_file(p)
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO models VALUES (?,?,?,?,?)",
-                            (str(p), st.st_size, st.st_mtime, h.hexdigest(), p.stem))
-        return h.hexdigest()
+                            (str(p), st.st_size, st.st_mtime, digest, p.stem))
+        return digest
 
     def done(self, model: str, task: str, shots: int, plan: str) -> set[str]:
         return {r[0] for r in self.db.execute(

@@ -103,7 +103,7 @@ def test_chat_through_stdin(tiny_models):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "plan 2:4x2, virtual depth 8 of 6 layers" in out
-    assert "(plan 2:4x2/uniform" in out and "(plan 1:5x3, virtual depth 14" in out
+    assert "(plan 2:4x2/uniform" in out and "(plan 1:5x3/uniform, virtual depth 14" in out  # /loop keeps the mix
     assert "error: block 9:12 is out of range" in out  # a bad /loop keeps the session going
     assert "(conversation cleared)" in out
     assert proc.stderr.count("tok/s") == 3
