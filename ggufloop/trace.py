@@ -70,7 +70,11 @@ def plot_curves(data: dict, plan: LoopPlan, path: Path) -> None:
 
 def plot_lens(run: dict, tokens: list[str], title: str, path: Path) -> None:
     """Virtual layer x token: the logit lens's top token and its probability."""
+    import warnings
+
     import matplotlib
+
+    warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # tokens in scripts the font lacks
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
