@@ -30,7 +30,8 @@ def ggufloop(*args: str, stdin: str = "", timeout: int = 300) -> subprocess.Comp
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["info"], ["chat"], ["generate"], ["bake"], ["serve"], ["models"], ["models", "fetch"]):
+    for cmd in ([], ["info"], ["chat"], ["generate"], ["bake"], ["serve"], ["models"], ["models", "fetch"], ["eval"],
+                ["sweep"], ["report"], ["trace"], ["bench"], ["bench-scoring"]):
         res = run(*cmd, "--help")
         assert res.exit_code == 0 and "Usage:" in res.output, cmd
 
