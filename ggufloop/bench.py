@@ -23,6 +23,7 @@ from pathlib import Path
 
 import click
 
+from . import plots
 from .cli import command, quiet_llama_logs
 from .modelinfo import model_info
 from .plan import LoopPlan
@@ -224,12 +225,7 @@ def bench(models: tuple[str, ...], block: "str | None", counts: str, repeats: in
 
 def _plot(data: dict, path: Path) -> None:
     """Time over the unlooped model against the ideal ratio, per variant and model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(data["models"]), figsize=(6 * len(data["models"]), 5), squeeze=False)
+    fig, axes = plots.subplots(1, len(data["models"]), figsize=(6 * len(data["models"]), 5), squeeze=False)
     for ax, (model, d) in zip(axes[0], data["models"].items()):
         rows = d["rows"]
         x = range(len(rows))
@@ -240,9 +236,7 @@ def _plot(data: dict, path: Path) -> None:
         ax.set_ylabel("time / unlooped time")
         ax.set_title(model)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def scoring_speed(model: Path, task: str, limit: int, threads: int) -> dict:

@@ -176,7 +176,7 @@ class LoopPlan:
 
     def validate(self, n_layer: int) -> None:
         """Raise PlanError saying what is wrong and what would be valid for a model of n_layer layers."""
-        spans = self.ranges or ((self.start, self.end),) if (self.ranges or self.start or self.end) else ()
+        spans = self.ranges or (((self.start, self.end),) if self.end else ())
         for a, b in spans:
             if b > n_layer:
                 raise PlanError(f"block {a}:{b} is out of range: the model has {n_layer} layers, "

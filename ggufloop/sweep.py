@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from . import plots
 from .cli import command, quiet_llama_logs
 from .evaluate import run_unit
 from .modelinfo import model_info
@@ -58,17 +59,14 @@ def run_units(model: str, plans: list[str], task: str, shots: "int | None", limi
 
 def heatmap(grid: dict[tuple[int, int], float], base: float, n_layer: int, title: str, path: Path) -> None:
     """Accuracy per (start, last layer) with the baseline marked on the colour bar and the best cells labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
 
     m = np.full((n_layer, n_layer), np.nan)
     for (s, e), acc in grid.items():
         m[s, e - 1] = acc
-    fig, ax = plt.subplots(figsize=(8, 7))
-    norm = matplotlib.colors.TwoSlopeNorm(vcenter=base, vmin=min(np.nanmin(m), base - 1e-6),
+    fig, ax = plots.subplots(figsize=(8, 7))
+    norm = TwoSlopeNorm(vcenter=base, vmin=min(np.nanmin(m), base - 1e-6),
                                           vmax=max(np.nanmax(m), base + 1e-6))  # white = the baseline
     im = ax.imshow(m, origin="lower", cmap="RdBu", norm=norm)
     cbar = fig.colorbar(im, ax=ax, label="accuracy")
@@ -79,9 +77,7 @@ def heatmap(grid: dict[tuple[int, int], float], base: float, n_layer: int, title
     ax.set_xlabel("last layer of the block (e - 1)")
     ax.set_ylabel("first layer of the block (s)")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path, dpi=120)
 
 
 @command

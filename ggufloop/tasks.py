@@ -62,7 +62,7 @@ class Task:
     fewshot_path: "str | None" = None  # a split other than the scored one, where there is one
 
     def examples(self) -> list[Example]:
-        return [_PARSERS[self.family](r, i) for i, r in enumerate(_rows(self.path))]
+        return list(_examples(self.family, self.path))
 
     @property
     def family(self) -> str:
@@ -72,7 +72,7 @@ class Task:
         """The scored items with their few-shot contexts, drawn deterministically."""
         shots = self.default_shots if shots is None else shots
         exs = self.examples()
-        pool = [_PARSERS[self.family](r, i) for i, r in enumerate(_rows(self.fewshot_path))] if self.fewshot_path else exs
+        pool = list(_examples(self.family, self.fewshot_path)) if self.fewshot_path else exs
         out = []
         for ex in exs[:limit] if limit else exs:
             rng = random.Random(f"{seed}:{self.name}:{ex.id}")
@@ -123,6 +123,12 @@ def _rows(path: str) -> tuple[dict, ...]:
     if not files:
         raise TaskError(f"no data under {data_root() / path}")
     return tuple(r for f in files for r in pa.ipc.open_stream(pa.memory_map(str(f))).read_all().to_pylist())
+
+
+@lru_cache(maxsize=None)
+def _examples(family: str, path: str) -> tuple[Example, ...]:
+    """A split's rows parsed once per process (items() is asked for more than once per run)."""
+    return tuple(_PARSERS[family](r, i) for i, r in enumerate(_rows(path)))
 
 
 def _lit(value):

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from . import plots
 from .cli import command, quiet_llama_logs
 from .models import resolve
 from .plan import LoopPlan, Mix
@@ -46,12 +47,7 @@ def _mean(rows: list) -> np.ndarray:
 
 
 def plot_curves(data: dict, plan: LoopPlan, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plots.subplots(2, 3, figsize=(15, 8))
     m = plan.end - plan.start
     for ax, (key, title) in zip(axes.flat, CURVES):
         for t in range(1, plan.count):
@@ -63,24 +59,13 @@ def plot_curves(data: dict, plan: LoopPlan, path: Path) -> None:
         ax.set_xlabel("virtual layer")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{Path(data['model']).stem}: mean over {len(data['tokens'])} tokens; shaded: repeated passes", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def plot_lens(run: dict, tokens: list[str], title: str, path: Path) -> None:
     """Virtual layer x token: the logit lens's top token and its probability."""
-    import warnings
-
-    import matplotlib
-
-    warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # tokens in scripts the font lacks
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     prob = np.array([[cell[0][1] for cell in row] for row in run["top"]])
-    fig, ax = plt.subplots(figsize=(1.1 * len(tokens) + 2, 0.28 * len(prob) + 2))
+    fig, ax = plots.subplots(figsize=(1.1 * len(tokens) + 2, 0.28 * len(prob) + 2))
     ax.imshow(prob, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
     for v, row in enumerate(run["top"]):
         for i, cell in enumerate(row):
@@ -91,9 +76,7 @@ def plot_lens(run: dict, tokens: list[str], title: str, path: Path) -> None:
     ax.set_xlabel("input token (the lens predicts the next one)")
     ax.set_ylabel("virtual layer : physical layer")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def summary(data: dict, plan: LoopPlan) -> list[str]:

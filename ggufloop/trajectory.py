@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import gguf
@@ -23,6 +24,7 @@ from .runtime import LoopedLlama
 _LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
 
 
+@lru_cache(maxsize=1)
 def _ggml_base() -> ctypes.CDLL:
     path = next(p for p in sorted(_LIB_DIR.glob("*ggml-base*")) if p.suffix in (".so", ".dylib", ".dll") or ".so." in p.name)
     lib = ctypes.CDLL(str(path))
