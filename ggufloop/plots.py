@@ -5,6 +5,19 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
+
+from .plan import LoopPlan
+
+TRACE_CURVES = [
+    ("norm", "hidden-state norm"),
+    ("cos_prev", "cos to previous virtual layer"),
+    ("rel_change_prev", "relative change to previous layer"),
+    ("cos_prev_pass", "cos to same layer, previous pass"),
+    ("entropy", "logit-lens entropy (nats)"),
+    ("kl_to_final", "KL(final || lens)"),
+]
+
 
 def subplots(*args, **kwargs):
     """matplotlib's subplots on the file-only Agg backend (imported on first use: it is slow to load)."""
@@ -16,7 +29,7 @@ def subplots(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
-def save(fig, path: "str | Path", dpi: int = 110) -> None:
+def save(fig, path: str | Path, dpi: int = 110) -> None:
     """Lay out, write and release a figure."""
     import matplotlib.pyplot as plt
 
@@ -25,3 +38,86 @@ def save(fig, path: "str | Path", dpi: int = 110) -> None:
         fig.tight_layout()
         fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def heatmap(grid: dict[tuple[int, int], float], base: float, n_layer: int, title: str, path: Path) -> None:
+    """Accuracy per (start, last layer) with the baseline marked on the colour bar and the best cells labelled."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    m = np.full((n_layer, n_layer), np.nan)
+    for (s, e), acc in grid.items():
+        m[s, e - 1] = acc
+    fig, ax = subplots(figsize=(8, 7))
+    norm = TwoSlopeNorm(
+        vcenter=base, vmin=min(np.nanmin(m), base - 1e-6), vmax=max(np.nanmax(m), base + 1e-6)
+    )  # white = the baseline
+    im = ax.imshow(m, origin="lower", cmap="RdBu", norm=norm)
+    cbar = fig.colorbar(im, ax=ax, label="accuracy")
+    cbar.ax.axhline(base, color="k", linewidth=2)
+    cbar.ax.text(1.05, base, " baseline", transform=cbar.ax.get_yaxis_transform(), va="center", fontsize=8)
+    for (s, e), acc in sorted(grid.items(), key=lambda kv: -kv[1])[:5]:
+        ax.text(e - 1, s, f"{acc:.3f}", ha="center", va="center", fontsize=7, color="k", fontweight="bold")
+    ax.set_xlabel("last layer of the block (e - 1)")
+    ax.set_ylabel("first layer of the block (s)")
+    ax.set_title(title, fontsize=10)
+    save(fig, path, dpi=120)
+
+
+def bench_ratios(data: dict, path: Path) -> None:
+    """Time over the unlooped model against the ideal ratio, per variant and model."""
+    fig, axes = subplots(1, len(data["models"]), figsize=(6 * len(data["models"]), 5), squeeze=False)
+    for ax, (model, d) in zip(axes[0], data["models"].items()):
+        rows = d["rows"]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["prefill_time_ratio"] for r in rows], 0.4, label="prefill")
+        ax.bar([i + 0.2 for i in x], [r["decode_time_ratio"] for r in rows], 0.4, label="decode")
+        ax.scatter(list(x), [r["ideal_ratio"] for r in rows], color="k", marker="_", s=400, zorder=3, label="ideal")
+        ax.set_xticks(list(x), [r["variant"] for r in rows], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("time / unlooped time")
+        ax.set_title(model)
+        ax.legend()
+    save(fig, path)
+
+
+def trace_curves(data: dict, plan: LoopPlan, path: Path) -> None:
+    from .trajectory import mean_over_tokens
+
+    fig, axes = subplots(2, 3, figsize=(15, 8))
+    m = plan.end - plan.start
+    for ax, (key, title) in zip(axes.flat, TRACE_CURVES):
+        for t in range(1, plan.count):
+            ax.axvspan(plan.start + t * m - 0.5, plan.start + (t + 1) * m - 0.5, color="orange", alpha=0.12 * t)
+        for label, run in data["runs"].items():
+            y = mean_over_tokens(run[key])
+            ax.plot(range(len(y)), y, marker=".", label=f"{label} ({run['plan']})")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("virtual layer")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(
+        f"{Path(data['model']).stem}: mean over {len(data['tokens'])} tokens; shaded: repeated passes", fontsize=11
+    )
+    save(fig, path)
+
+
+def logit_lens(run: dict, tokens: list[str], title: str, path: Path) -> None:
+    """Virtual layer x token: the logit lens's top token and its probability."""
+    prob = np.array([[cell[0][1] for cell in row] for row in run["top"]])
+    fig, ax = subplots(figsize=(1.1 * len(tokens) + 2, 0.28 * len(prob) + 2))
+    ax.imshow(prob, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
+    for v, row in enumerate(run["top"]):
+        for i, cell in enumerate(row):
+            ax.text(
+                i,
+                v,
+                repr(cell[0][0])[1:-1][:8],
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if cell[0][1] < 0.6 else "black",
+            )
+    ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=60, fontsize=7)
+    ax.set_yticks(range(len(prob)), [f"{v}:L{il}" for v, il in enumerate(run["schedule"])], fontsize=6)
+    ax.set_xlabel("input token (the lens predicts the next one)")
+    ax.set_ylabel("virtual layer : physical layer")
+    ax.set_title(title, fontsize=10)
+    save(fig, path)

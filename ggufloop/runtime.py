@@ -1,18 +1,27 @@
-"""LoopedLlama: llama_cpp.Llama with a loop plan, applied by the patched backend."""
+"""LoopedLlama: llama_cpp.Llama with a loop plan, applied by the patched backend.
+
+Besides Llama's own API, LoopedLlama opens *side contexts* (``side_context``): llama.cpp
+contexts of their own on the same loaded weights, with several sequences, logits at chosen
+positions and an optional evaluation callback. Benchmark scoring and latent traces run on them,
+so no module reaches into Llama's private attributes.
+"""
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals
 
 from . import _lib
-from .modelinfo import check_gguf
-from .plan import LoopPlan, Mix, PlanError
+from .gguf_io import check_gguf
+from .plan import LoopPlan, Mix
 
-_MAX_KV_STR = 127  # llama_model_kv_override.val_str is char[128]
+# (token, position, sequence, wants logits)
+Entry = tuple[int, int, int, bool]
 
 
 class LoopedLlama(llama_cpp.Llama):
@@ -22,16 +31,12 @@ class LoopedLlama(llama_cpp.Llama):
     the file, if any). The plan the backend actually runs is read back: ``plan``, ``schedule``.
     """
 
-    def __init__(self, model_path: str, *, loop: "LoopPlan | str | None" = None, **kwargs: Any) -> None:
+    def __init__(self, model_path: str, *, loop: LoopPlan | str | None = None, **kwargs: Any) -> None:
         _lib.require_patched()
         check_gguf(model_path)
         overrides = dict(kwargs.pop("kv_overrides", None) or {})
         if loop is not None:
-            requested = LoopPlan.parse(loop)
-            for key, value in requested.kv_overrides().items():
-                if isinstance(value, str) and len(value.encode()) > _MAX_KV_STR:
-                    raise PlanError(f"schedule {requested} is too long for a metadata override ({_MAX_KV_STR} bytes)")
-                overrides[key] = value
+            overrides.update(LoopPlan.parse(loop).kv_overrides())
         kwargs.setdefault("verbose", False)
         try:
             super().__init__(model_path, kv_overrides=overrides or None, **kwargs)
@@ -50,14 +55,14 @@ class LoopedLlama(llama_cpp.Llama):
     @property
     def n_layer_phys(self) -> int:
         """Layers in the model file."""
-        return _lib.llama_model_n_layer_phys(self._model.model)
+        return _lib.llama_model_n_layer_phys(self.model)
 
     @property
     def schedule(self) -> list[int]:
         """The physical layer of each virtual layer, as the backend runs them."""
-        n = _lib.llama_model_layer_schedule(self._model.model, None, 0)
+        n = _lib.llama_model_layer_schedule(self.model, None, 0)
         buf = (ctypes.c_int32 * n)()
-        _lib.llama_model_layer_schedule(self._model.model, buf, n)
+        _lib.llama_model_layer_schedule(self.model, buf, n)
         return list(buf)
 
     @property
@@ -66,15 +71,20 @@ class LoopedLlama(llama_cpp.Llama):
 
     @property
     def mix(self) -> Mix:
-        beta, temperature, seed = ctypes.c_float(), ctypes.c_float(), ctypes.c_uint32()
-        name = _lib.llama_get_loop_mix(self._ctx.ctx, ctypes.byref(beta), ctypes.byref(temperature), ctypes.byref(seed))
-        return Mix(name.decode(), round(beta.value, 6), round(temperature.value, 6), seed.value)
+        """The mix the backend runs, read back exactly: Mix keeps its parameters in float32, as the
+        backend does, so the mix reads back equal to what was set, with the same text."""
+        return _backend_mix(self.ctx)
+
+    @property
+    def model_size(self) -> int:
+        """Bytes of the model's weights, as llama.cpp counts them (a plan does not change it)."""
+        return int(llama_cpp.llama_model_size(self.model))
 
     @property
     def plan(self) -> LoopPlan:
         """The plan read back from the backend."""
         start, end, count = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
-        if _lib.llama_model_loop_plan(self._model.model, ctypes.byref(start), ctypes.byref(end), ctypes.byref(count)):
+        if _lib.llama_model_loop_plan(self.model, ctypes.byref(start), ctypes.byref(end), ctypes.byref(count)):
             return LoopPlan(start.value, end.value, count.value, mix=self.mix)
         schedule = self.schedule
         if schedule == list(range(self.n_layer_phys)):
@@ -83,31 +93,54 @@ class LoopedLlama(llama_cpp.Llama):
 
     # -- changing the plan ------------------------------------------------------------------
 
-    def set_loop(self, loop: "LoopPlan | str | None") -> None:
+    def set_loop(self, loop: LoopPlan | str | None) -> None:
         """Run another plan. A new layer schedule recreates the context (its KV cache is lost);
         a new mix on the same layers only clears the cache."""
         plan = LoopPlan.parse(loop)
         current = self.plan
-        if (plan.start, plan.end, plan.count, plan.ranges) != (current.start, current.end, current.count, current.ranges):
+        if (plan.start, plan.end, plan.count, plan.ranges) != (
+            current.start,
+            current.end,
+            current.count,
+            current.ranges,
+        ):
             self._ctx.close()
             try:
                 if plan.ranges:
-                    _lib.check(_lib.llama_model_set_layer_schedule(
-                        self._model.model, ",".join(f"{a}:{b}" for a, b in plan.ranges).encode()))
+                    _lib.check(
+                        _lib.llama_model_set_layer_schedule(
+                            self.model, ",".join(f"{a}:{b}" for a, b in plan.ranges).encode()
+                        )
+                    )
                 elif plan.start or plan.end:
-                    _lib.check(_lib.llama_model_set_loop(self._model.model, plan.start, plan.end, plan.count))
+                    _lib.check(_lib.llama_model_set_loop(self.model, plan.start, plan.end, plan.count))
                 else:
-                    _lib.check(_lib.llama_model_set_layer_schedule(self._model.model, b""))
+                    _lib.check(_lib.llama_model_set_layer_schedule(self.model, b""))
             finally:
                 self._ctx = _internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)
         self.set_mix(plan.mix)
 
-    def set_mix(self, mix: "Mix | str") -> None:
+    def set_mix(self, mix: Mix | str) -> None:
         """Mix the passes of the current plan another way; clears the KV cache."""
         mix = Mix.parse(mix) if isinstance(mix, str) else mix
-        _lib.check(_lib.llama_set_loop_mix(self._ctx.ctx, mix.name.encode(), mix.beta, mix.temperature, mix.seed))
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), True)
+        _set_backend_mix(self.ctx, mix)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         self.n_tokens = 0
+
+    # -- side contexts ----------------------------------------------------------------------
+
+    def side_context(
+        self,
+        n_ctx: int,
+        n_batch: int,
+        n_ubatch: int | None = None,
+        n_seq: int = 1,
+        kv_type: int | None = None,
+        cb_eval: Any = None,
+    ) -> SideContext:
+        """A context of its own on this model's weights, running its current plan and mix (see
+        SideContext). Close it before ``set_loop`` changes the layer schedule."""
+        return SideContext(self, n_ctx, n_batch, n_ubatch, n_seq, kv_type, cb_eval)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -122,6 +155,112 @@ class LoopedLlama(llama_cpp.Llama):
         if saved != str(self.plan):
             raise _lib.BackendError(f"this state was saved under plan {saved!r}; the model now runs {str(self.plan)!r}")
         super().load_state(state)
+
+
+class SideContext:
+    """A llama.cpp context on a LoopedLlama's weights, for work that Llama's one-sequence API
+    does not cover: several sequences sharing a KV cache, logits at chosen positions, an
+    evaluation callback that sees every layer's output.
+
+    It takes Llama's own context settings (threads, flash attention off, ...) with the sizes
+    given here, and the model's current mix. Use it as a context manager or call ``close``.
+    """
+
+    def __init__(
+        self,
+        llm: LoopedLlama,
+        n_ctx: int,
+        n_batch: int,
+        n_ubatch: int | None = None,
+        n_seq: int = 1,
+        kv_type: int | None = None,
+        cb_eval: Any = None,
+    ) -> None:
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_ubatch or n_batch
+        params.n_seq_max = n_seq
+        if n_seq > 1:
+            params.kv_unified = True  # sequences share cache cells (sequence copies)
+        if kv_type is not None:
+            params.type_k = params.type_v = kv_type
+        if cb_eval is not None:
+            params.cb_eval, params.cb_eval_user_data = cb_eval, None
+        self._cb_eval = cb_eval  # the C side keeps only a pointer to it
+        self.n_ctx, self.n_batch, self.n_seq = n_ctx, n_batch, n_seq
+        self.n_vocab = llm.n_vocab()
+        self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        if self.ctx is None:
+            raise _lib.BackendError(f"llama.cpp could not create a context of {n_ctx} tokens and {n_seq} sequences")
+        try:
+            _set_backend_mix(self.ctx, llm.mix)
+        except _lib.BackendError:
+            self.close()
+            raise
+        self._memory = llama_cpp.llama_get_memory(self.ctx)
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> SideContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def clear(self) -> None:
+        """Forget every sequence's KV cache."""
+        llama_cpp.llama_memory_clear(self._memory, True)
+
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Share src's KV cache with sequence dst (llama.cpp's sequence copy; no recomputation)."""
+        llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+
+    def decode(self, entries: Sequence[Entry]) -> list[int]:
+        """Decode one batch of (token, position, sequence, wants logits) entries; returns, per entry
+        that wanted logits, its row index for ``logits``."""
+        batch = llama_cpp.llama_batch_init(len(entries), 0, 1)
+        try:
+            rows = []
+            for j, (tok, pos, seq, logits) in enumerate(entries):
+                batch.token[j], batch.pos[j], batch.n_seq_id[j] = tok, pos, 1
+                batch.seq_id[j][0], batch.logits[j] = seq, logits
+                if logits:
+                    rows.append(j)
+            batch.n_tokens = len(entries)
+            status = llama_cpp.llama_decode(self.ctx, batch)
+            if status != 0:
+                raise _lib.BackendError(f"llama_decode failed (status {status})")
+            return rows
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+    def logits(self, row: int) -> np.ndarray:
+        """The logits of one row of the last decoded batch, copied as float64."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,)).astype(
+            np.float64
+        )
+
+    def all_logits(self, n: int) -> np.ndarray:
+        """The logits of the last batch's first n entries (every one asked for logits), [n, vocab]."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n, self.n_vocab)).copy()
+
+    def decode_all(self, tokens: Iterable[int]) -> np.ndarray:
+        """Decode tokens as one sequence from position 0 in one batch, with every position's logits."""
+        tokens = list(tokens)
+        self.decode([(tok, i, 0, True) for i, tok in enumerate(tokens)])
+        return self.all_logits(len(tokens))
+
+
+def _set_backend_mix(ctx: Any, mix: Mix) -> None:
+    _lib.check(_lib.llama_set_loop_mix(ctx, mix.name.encode(), mix.beta, mix.temperature, mix.seed))
+
+
+def _backend_mix(ctx: Any) -> Mix:
+    beta, temperature, seed = ctypes.c_float(), ctypes.c_float(), ctypes.c_uint32()
+    name = _lib.llama_get_loop_mix(ctx, ctypes.byref(beta), ctypes.byref(temperature), ctypes.byref(seed))
+    return Mix(name.decode(), beta.value, temperature.value, seed.value)
 
 
 def _ranges(schedule: list[int]) -> tuple[tuple[int, int], ...]:

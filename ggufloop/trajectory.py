@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import gguf
 import llama_cpp
 import numpy as np
 
-from . import _lib
+from .gguf_io import read_head
+from .numeric import log_softmax
+from .plan import LoopPlan, Mix
 from .runtime import LoopedLlama
 
 _LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
@@ -26,7 +27,9 @@ _LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
 
 @lru_cache(maxsize=1)
 def _ggml_base() -> ctypes.CDLL:
-    path = next(p for p in sorted(_LIB_DIR.glob("*ggml-base*")) if p.suffix in (".so", ".dylib", ".dll") or ".so." in p.name)
+    path = next(
+        p for p in sorted(_LIB_DIR.glob("*ggml-base*")) if p.suffix in (".so", ".dylib", ".dll") or ".so." in p.name
+    )
     lib = ctypes.CDLL(str(path))
     lib.ggml_get_name.argtypes, lib.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
     lib.ggml_nelements.argtypes, lib.ggml_nelements.restype = [ctypes.c_void_p], ctypes.c_int64
@@ -58,28 +61,10 @@ def capture(llm: LoopedLlama, tokens: list[int]) -> tuple[np.ndarray, np.ndarray
             states[il, :n] = buf
         return True
 
-    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
-    params.n_ctx = params.n_batch = params.n_ubatch = max(64, len(tokens))
-    params.cb_eval, params.cb_eval_user_data = on_tensor, None
-    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-    if ctx is None:
-        raise _lib.BackendError("llama.cpp could not create a tracing context")
-    try:
-        mix = llm.mix
-        _lib.check(_lib.llama_set_loop_mix(ctx, mix.name.encode(), mix.beta, mix.temperature, mix.seed))
+    n = max(64, len(tokens))
+    with llm.side_context(n, n, cb_eval=on_tensor) as ctx:
         # every position's logits, so no layer prunes its rows to the last token
-        batch_all = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-        for i, tok in enumerate(tokens):
-            batch_all.token[i], batch_all.pos[i], batch_all.n_seq_id[i] = tok, i, 1
-            batch_all.seq_id[i][0], batch_all.logits[i] = 0, True
-        batch_all.n_tokens = len(tokens)
-        if llama_cpp.llama_decode(ctx, batch_all) != 0:
-            raise _lib.BackendError("llama_decode failed while tracing")
-        n_vocab = llm.n_vocab()
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(tokens), n_vocab)).copy()
-        llama_cpp.llama_batch_free(batch_all)
-    finally:
-        llama_cpp.llama_free(ctx)
+        logits = ctx.decode_all(tokens)
     return states, logits
 
 
@@ -101,29 +86,10 @@ class Head:
         return out
 
 
-def load_head(path: "str | Path") -> Head:
-    """Read output_norm and the output matrix (or the tied embeddings) from a GGUF, dequantized."""
-    reader = gguf.GGUFReader(path)
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    tensors = {t.name: t for t in reader.tensors}
-
-    def dense(name: str) -> np.ndarray:
-        t = tensors[name]
-        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64)
-
-    def scalar(key: str, default: float) -> float:
-        f = reader.fields.get(key)
-        return float(f.parts[f.data[0]][0]) if f else default
-
-    norm = dense("output_norm.weight").reshape(-1)
-    out = dense("output.weight" if "output.weight" in tensors else "token_embd.weight").reshape(-1, norm.size)
-    return Head(norm, out,
-                scalar(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6), scalar(f"{arch}.final_logit_softcapping", 0.0))
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+def load_head(path: str | Path) -> Head:
+    """The model's final norm and output head (or tied embeddings), dequantized from its GGUF."""
+    h = read_head(path)
+    return Head(h.norm, h.output, h.eps, h.softcap)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -136,25 +102,38 @@ def metrics(states: np.ndarray, logits: np.ndarray, schedule: list[int], head: H
     distribution, rank of the finally predicted token)."""
     s = states.astype(np.float64)
     depth, n_tok, _ = s.shape
-    final_logp = _log_softmax(logits.astype(np.float64))
+    final_logp = log_softmax(logits.astype(np.float64))
     final_tok = final_logp.argmax(-1)
-    out: dict = {"schedule": schedule, "norm": np.linalg.norm(s, axis=-1).tolist(),
-                 "cos_prev": [], "rel_change_prev": [], "pass": [], "cos_prev_pass": [], "rel_change_prev_pass": [],
-                 "entropy": [], "kl_to_final": [], "rank_of_final": [], "top": []}
+    out: dict = {
+        "schedule": schedule,
+        "norm": np.linalg.norm(s, axis=-1).tolist(),
+        "cos_prev": [],
+        "rel_change_prev": [],
+        "pass": [],
+        "cos_prev_pass": [],
+        "rel_change_prev_pass": [],
+        "entropy": [],
+        "kl_to_final": [],
+        "rank_of_final": [],
+        "top": [],
+    }
     seen: dict[int, int] = {}
     for v, il in enumerate(schedule):
         prev = s[v - 1] if v else None
         out["cos_prev"].append(_cos(s[v], prev).tolist() if v else [None] * n_tok)
-        out["rel_change_prev"].append((np.linalg.norm(s[v] - prev, axis=-1) / np.linalg.norm(prev, axis=-1)).tolist()
-                                      if v else [None] * n_tok)
+        out["rel_change_prev"].append(
+            (np.linalg.norm(s[v] - prev, axis=-1) / np.linalg.norm(prev, axis=-1)).tolist() if v else [None] * n_tok
+        )
         earlier = seen.get(il)
         out["pass"].append(sum(1 for u in schedule[:v] if u == il))
         out["cos_prev_pass"].append(_cos(s[v], s[earlier]).tolist() if earlier is not None else [None] * n_tok)
         out["rel_change_prev_pass"].append(
             (np.linalg.norm(s[v] - s[earlier], axis=-1) / np.linalg.norm(s[earlier], axis=-1)).tolist()
-            if earlier is not None else [None] * n_tok)
+            if earlier is not None
+            else [None] * n_tok
+        )
         seen[il] = v
-        logp = _log_softmax(head.logits(s[v]))
+        logp = log_softmax(head.logits(s[v]))
         p = np.exp(logp)
         out["entropy"].append((-(p * logp).sum(-1)).tolist())
         out["kl_to_final"].append((np.exp(final_logp) * (final_logp - logp)).sum(-1).tolist())
@@ -162,3 +141,49 @@ def metrics(states: np.ndarray, logits: np.ndarray, schedule: list[int], head: H
         best = np.argsort(-logp, axis=-1)[:, :top]
         out["top"].append([[(detok(int(t)), float(p[i, t])) for t in best[i]] for i in range(n_tok)])
     return out
+
+
+# -- traces of several mixes on one model load ---------------------------------------------
+
+
+def trace_runs(model: Path, prompt: str, plan: LoopPlan, mixes: list[str], threads: int | None) -> dict:
+    """Metrics of the unlooped model and of the plan under each mix, on one model load."""
+    llm = LoopedLlama(str(model), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    head = load_head(model)
+    tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+
+    def detok(t: int) -> str:
+        return llm.detokenize([t]).decode("utf-8", "replace")
+
+    runs, words = {}, [detok(t) for t in tokens]
+    try:
+        for label, p in [("unlooped", LoopPlan())] + [(m, plan.with_mix(Mix.parse(m))) for m in mixes]:
+            llm.set_loop(p)
+            states, logits = capture(llm, tokens)
+            runs[label] = {"plan": str(p), **metrics(states, logits, llm.schedule, head, detok)}
+    finally:
+        llm.close()
+    return {"model": str(model), "prompt": prompt, "tokens": words, "runs": runs}
+
+
+def mean_over_tokens(rows: list) -> np.ndarray:
+    """Mean over tokens per virtual layer; NaN where a metric is undefined (no previous pass)."""
+    vals = [[x for x in r if x is not None] for r in rows]
+    return np.array([float(np.mean(v)) if v else np.nan for v in vals])
+
+
+def summary(data: dict, plan: LoopPlan) -> list[str]:
+    """Per run: depth, how much passes move the state, how close the block's output is to the final answer."""
+    lines = []
+    for label, run in data["runs"].items():
+        kl = mean_over_tokens(run["kl_to_final"])
+        looped = run["plan"] != "none"
+        block_end = plan.start + (plan.count if looped else 1) * (plan.end - plan.start) - 1
+        cos_pass = [x for x in mean_over_tokens(run["cos_prev_pass"]) if not np.isnan(x)]
+        last_top = run["top"][-1][-1][0]
+        lines.append(
+            f"{label:>10} ({run['plan']}): depth {len(kl)}, mean cos to the previous pass "
+            f"{np.mean(cos_pass) if cos_pass else float('nan'):.4f}, KL(final||lens) after the block "
+            f"{kl[block_end]:.3g}, next token {last_top[0]!r} p={last_top[1]:.2f}"
+        )
+    return lines

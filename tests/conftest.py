@@ -44,8 +44,17 @@ def open_model(path, loop=None, n_batch=64, **kw):
     kw.setdefault("n_ctx", 128)
     kw.setdefault("type_k", 0)  # GGML_TYPE_F32
     kw.setdefault("type_v", 0)
-    return LoopedLlama(str(path), loop=loop, n_batch=n_batch, n_ubatch=n_batch, logits_all=True,
-                       n_threads=2, n_threads_batch=2, seed=0, **kw)
+    return LoopedLlama(
+        str(path),
+        loop=loop,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        logits_all=True,
+        n_threads=2,
+        n_threads_batch=2,
+        seed=0,
+        **kw,
+    )
 
 
 def eval_logits(llm, tokens, step: int | None = None) -> np.ndarray:
@@ -53,7 +62,7 @@ def eval_logits(llm, tokens, step: int | None = None) -> np.ndarray:
     llm.reset()
     step = step or len(tokens)
     for i in range(0, len(tokens), step):
-        llm.eval(tokens[i:i + step])
+        llm.eval(tokens[i : i + step])
     return np.array(llm.scores[: len(tokens)], dtype=np.float64)
 
 

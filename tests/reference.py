@@ -7,6 +7,7 @@ C++ patch: the reference the patched backend is checked against.
 from __future__ import annotations
 
 import numpy as np
+
 from tiny import Spec, layer_weights
 
 M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -30,7 +31,7 @@ def rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool) -> np.ndarray:
     theta = pos[:, None] * base ** (-np.arange(0, d, 2) / d)  # [tokens, d/2]
     cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
     if neox:
-        a, b = x[..., : d // 2], x[..., d // 2:]
+        a, b = x[..., : d // 2], x[..., d // 2 :]
         return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
     a, b = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)
@@ -96,8 +97,9 @@ def _norm(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
 
 
-def mix_passes(name: str, outs: list[np.ndarray], beta: float, temperature: float,
-               noise: "np.ndarray | None") -> np.ndarray:
+def mix_passes(
+    name: str, outs: list[np.ndarray], beta: float, temperature: float, noise: np.ndarray | None
+) -> np.ndarray:
     """The state passed on after pass t = len(outs)-1, from the raw outputs C[0..t] of one block layer."""
     t, ref, cur = len(outs) - 1, outs[0], outs[-1]
     if t == 0 or name == "none":
@@ -117,8 +119,18 @@ def mix_passes(name: str, outs: list[np.ndarray], beta: float, temperature: floa
     raise ValueError(name)
 
 
-def forward(spec: Spec, weights: dict, tokens: list[int], start: int = 0, end: int = 0, count: int = 1,
-            mix: str = "none", beta: float = 0.5, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+def forward(
+    spec: Spec,
+    weights: dict,
+    tokens: list[int],
+    start: int = 0,
+    end: int = 0,
+    count: int = 1,
+    mix: str = "none",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
     """Logits of every position for the plan (start, end, count) with the given mix."""
     x = weights["token_embd.weight"][tokens].astype(np.float64)
     if spec.arch == "gemma3":

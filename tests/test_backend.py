@@ -10,11 +10,11 @@ import re
 import llama_cpp
 import numpy as np
 import pytest
+
+from ggufloop import BackendError, LoopedLlama, LoopPlan, _lib
+
 from conftest import PROMPT, TOL, eval_logits, logits, open_model, rel_err
 from tiny import ARCHS, Spec, make_weights, write_model
-
-from ggufloop import BackendError, LoopedLlama, LoopPlan
-from ggufloop import _lib
 
 PLANS = ["2:4x3", "1:5x2", "0:6x2", "3:6x3", "0:4,1:6"]  # mid, wide, whole model, block at the end, general
 
@@ -101,8 +101,10 @@ def _batch_logits(ctx, seqs: dict[int, list[int]], n_vocab: int, first_pos: int 
             i += 1
     batch.n_tokens = n
     assert llama_cpp.llama_decode(ctx, batch) == 0
-    res = {s: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j), shape=(n_vocab,)).copy()
-           for s, j in out_idx.items()}
+    res = {
+        s: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j), shape=(n_vocab,)).copy()
+        for s, j in out_idx.items()
+    }
     llama_cpp.llama_batch_free(batch)
     return res
 
@@ -152,13 +154,16 @@ def test_state_round_trip_and_refusal_under_another_plan(tiny_models):
     llm.close()
 
 
-@pytest.mark.parametrize("plan, reason", [
-    ("4:9x2", "out of range"),
-    ("2:4x0", "count must be >= 1"),
-    ("0:6x200", "limit of 512"),
-    ("0:4,3:9", "out of range"),
-    ("0:6x1/uniform", None),  # fine: a K=1 plan with a mix is the unlooped model
-])
+@pytest.mark.parametrize(
+    "plan, reason",
+    [
+        ("4:9x2", "out of range"),
+        ("2:4x0", "count must be >= 1"),
+        ("0:6x200", "limit of 512"),
+        ("0:4,3:9", "out of range"),
+        ("0:6x1/uniform", None),  # fine: a K=1 plan with a mix is the unlooped model
+    ],
+)
 def test_refusals_reach_python_with_the_reason(tiny_models, plan, reason):
     _, _, path = tiny_models["llama"]
     if reason is None:
@@ -178,8 +183,12 @@ def test_unsupported_architecture_is_refused(tiny_dir):
 
 def test_plan_keys_from_the_file_and_overrides(tiny_models, tiny_dir):
     spec, weights, path = tiny_models["llama"]
-    baked = write_model(tiny_dir / "baked.gguf", spec, weights,
-                        extra_kv={"ggufloop.loop.start": 2, "ggufloop.loop.end": 4, "ggufloop.loop.count": 3})
+    baked = write_model(
+        tiny_dir / "baked.gguf",
+        spec,
+        weights,
+        extra_kv={"ggufloop.loop.start": 2, "ggufloop.loop.end": 4, "ggufloop.loop.count": 3},
+    )
     llm = open_model(baked)
     assert str(llm.plan) == "2:4x3"
     llm.close()
@@ -189,8 +198,11 @@ def test_plan_keys_from_the_file_and_overrides(tiny_models, tiny_dir):
     with pytest.raises(BackendError, match="start, ggufloop.loop.end and ggufloop.loop.count together"):
         LoopedLlama(str(path), kv_overrides={"ggufloop.loop.start": 1}, verbose=False)
     with pytest.raises(BackendError, match="loop count must be >= 1"):  # past the Python checks
-        LoopedLlama(str(path), kv_overrides={"ggufloop.loop.start": 1, "ggufloop.loop.end": 3,
-                                             "ggufloop.loop.count": 0}, verbose=False)
+        LoopedLlama(
+            str(path),
+            kv_overrides={"ggufloop.loop.start": 1, "ggufloop.loop.end": 3, "ggufloop.loop.count": 0},
+            verbose=False,
+        )
 
 
 def test_kv_cache_grows_by_the_layer_ratio_and_weights_do_not(tiny_models):
@@ -200,8 +212,12 @@ def test_kv_cache_grows_by_the_layer_ratio_and_weights_do_not(tiny_models):
         with capture_llama_log() as log:
             llm = open_model(path, plan, n_ctx=4096)
         kv = re.search(r"llama_kv_cache: size = +([0-9.]+) MiB \( *4096 cells, +(\d+) layers", "".join(log))
-        sizes[plan] = (llama_cpp.llama_model_size(llm._model.model), llama_cpp.llama_model_n_params(llm._model.model),
-                       float(kv.group(1)), int(kv.group(2)))
+        sizes[plan] = (
+            llama_cpp.llama_model_size(llm._model.model),
+            llama_cpp.llama_model_n_params(llm._model.model),
+            float(kv.group(1)),
+            int(kv.group(2)),
+        )
         llm.close()
     assert sizes[None][:2] == sizes["2:4x3"][:2]  # weights: same bytes, same parameters
     assert sizes[None][3] == 6 and sizes["2:4x3"][3] == 10
@@ -222,6 +238,7 @@ def capture_llama_log():
         yield lines
     finally:
         from llama_cpp import _logger
+
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 

@@ -10,9 +10,26 @@ from ggufloop.cli import main
 
 
 def test_bench_writes_table_plot_and_json(tiny_models, tmp_path):
-    res = CliRunner().invoke(main, ["bench", str(tiny_models["llama"][2]), "--no-stock", "--block", "2:4",
-                                    "--counts", "2", "-r", "1", "--prompt-tokens", "16", "--decode-tokens", "4",
-                                    "-o", str(tmp_path)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(tiny_models["llama"][2]),
+            "--no-stock",
+            "--block",
+            "2:4",
+            "--counts",
+            "2",
+            "-r",
+            "1",
+            "--prompt-tokens",
+            "16",
+            "--decode-tokens",
+            "4",
+            "-o",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     rows = {r["variant"]: r for r in next(iter(data["models"].values()))["rows"]}

@@ -25,13 +25,33 @@ def run(*args: str):
 
 
 def ggufloop(*args: str, stdin: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ggufloop", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "ggufloop", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["info"], ["chat"], ["generate"], ["bake"], ["serve"], ["models"], ["models", "fetch"], ["eval"],
-                ["sweep"], ["report"], ["trace"], ["bench"], ["bench-scoring"]):
+    for cmd in (
+        [],
+        ["info"],
+        ["chat"],
+        ["generate"],
+        ["bake"],
+        ["serve"],
+        ["models"],
+        ["models", "fetch"],
+        ["eval"],
+        ["sweep"],
+        ["report"],
+        ["trace"],
+        ["bench"],
+        ["bench-scoring"],
+    ):
         res = run(*cmd, "--help")
         assert res.exit_code == 0 and "Usage:" in res.output, cmd
 
@@ -43,8 +63,18 @@ def test_info(tiny_models):
 
 
 def test_generate_with_compare(tiny_models):
-    res = run("generate", str(tiny_models["llama"][2]), "t1 t2 t3", "--loop", "2:4x3", "--mix", "uniform",
-              "-n", "5", "--compare")
+    res = run(
+        "generate",
+        str(tiny_models["llama"][2]),
+        "t1 t2 t3",
+        "--loop",
+        "2:4x3",
+        "--mix",
+        "uniform",
+        "-n",
+        "5",
+        "--compare",
+    )
     assert res.exit_code == 0, res.output
     assert "plan 2:4x3/uniform, virtual depth 10 of 6 layers" in res.output
     assert "plan none, virtual depth 6 of 6 layers" in res.output
@@ -64,17 +94,20 @@ def test_bake_stores_the_plan(tiny_models, tmp_path):
     assert (a.n_layer, a.quant) == (b.n_layer, b.quant)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["info", "/no/such/file.gguf"], "no such model file"),
-    (["generate", "{notgguf}", "hi"], "is not a GGUF file"),
-    (["generate", "{truncated}", "hi"], "truncated"),
-    (["generate", "{unsupported}", "hi", "--loop", "1:3x2"], "does not support layer schedules"),
-    (["generate", "{llama}", "hi", "--loop", "4:9x2"], "out of range"),
-    (["generate", "{llama}", "hi", "--loop", "4-9x2"], "cannot parse plan"),
-    (["generate", "{llama}", "hi", "--loop", "1:3x2", "--mix", "blend"], "unknown mix"),
-    (["bake", "{llama}", "--loop", "2:9x2", "-o", "{tmp}/x.gguf"], "out of range"),
-    (["chat", "no-such-model"], "no such model file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["info", "/no/such/file.gguf"], "no such model file"),
+        (["generate", "{notgguf}", "hi"], "is not a GGUF file"),
+        (["generate", "{truncated}", "hi"], "truncated"),
+        (["generate", "{unsupported}", "hi", "--loop", "1:3x2"], "does not support layer schedules"),
+        (["generate", "{llama}", "hi", "--loop", "4:9x2"], "out of range"),
+        (["generate", "{llama}", "hi", "--loop", "4-9x2"], "cannot parse plan"),
+        (["generate", "{llama}", "hi", "--loop", "1:3x2", "--mix", "blend"], "unknown mix"),
+        (["bake", "{llama}", "--loop", "2:9x2", "-o", "{tmp}/x.gguf"], "out of range"),
+        (["chat", "no-such-model"], "no such model file"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_1(tiny_models, tmp_path, args, message):
     from tiny import Spec, make_weights, write_model
 
@@ -82,8 +115,13 @@ def test_bad_input_is_one_line_and_exit_1(tiny_models, tmp_path, args, message):
     (tmp_path / "notgguf").write_text("hello")
     (tmp_path / "truncated").write_bytes(llama.read_bytes()[: llama.stat().st_size // 2])
     unsupported = write_model(tmp_path / "smollm3.gguf", Spec("smollm3"), make_weights(Spec("llama")))
-    paths = {"notgguf": tmp_path / "notgguf", "truncated": tmp_path / "truncated", "unsupported": unsupported,
-             "llama": llama, "tmp": tmp_path}
+    paths = {
+        "notgguf": tmp_path / "notgguf",
+        "truncated": tmp_path / "truncated",
+        "unsupported": unsupported,
+        "llama": llama,
+        "tmp": tmp_path,
+    }
     proc = ggufloop(*(a.format(**paths) for a in args), timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -92,15 +130,27 @@ def test_bad_input_is_one_line_and_exit_1(tiny_models, tmp_path, args, message):
 
 
 def test_unpatched_backend_is_a_clear_error(tiny_models):
-    code = ("import ggufloop._lib as l; l.PATCHED = False\n"
-            "from ggufloop.cli import main; main(['generate', %r, 'hi'])" % str(tiny_models["llama"][2]))
+    code = (
+        "import ggufloop._lib as l; l.PATCHED = False\n"
+        "from ggufloop.cli import main; main(['generate', {!r}, 'hi'])".format(str(tiny_models["llama"][2]))
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "make backend" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_chat_through_stdin(tiny_models):
-    proc = ggufloop("chat", str(tiny_models["llama"][2]), "--loop", "2:4x2", "-n", "4", "--ctx-size", "256",
-                    stdin="t5 t6\n/mix uniform\nt7\n/loop 1:5x3\n/loop 9:12x2\nt8\n/reset\n/quit\n", timeout=120)
+    proc = ggufloop(
+        "chat",
+        str(tiny_models["llama"][2]),
+        "--loop",
+        "2:4x2",
+        "-n",
+        "4",
+        "--ctx-size",
+        "256",
+        stdin="t5 t6\n/mix uniform\nt7\n/loop 1:5x3\n/loop 9:12x2\nt8\n/reset\n/quit\n",
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "plan 2:4x2, virtual depth 8 of 6 layers" in out
@@ -112,8 +162,19 @@ def test_chat_through_stdin(tiny_models):
 
 @pytest.mark.models
 def test_chat_on_the_default_model():
-    proc = ggufloop("chat", "--loop", "10:15x3", "--mix", "uniform", "-n", "24", "--temp", "0",
-                    stdin="What is the capital of France?\n/quit\n", timeout=300)
+    proc = ggufloop(
+        "chat",
+        "--loop",
+        "10:15x3",
+        "--mix",
+        "uniform",
+        "-n",
+        "24",
+        "--temp",
+        "0",
+        stdin="What is the capital of France?\n/quit\n",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "plan 10:15x3/uniform, virtual depth 40 of 30 layers" in proc.stdout
     assert "tok/s" in proc.stderr
@@ -129,16 +190,36 @@ def test_serve_answers_with_the_plan(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ggufloop", "serve", str(path), "--loop", "10:15x2", "--mix",
-                             "uniform", "--port", str(port), "-c", "512"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ggufloop",
+            "serve",
+            str(path),
+            "--loop",
+            "10:15x2",
+            "--mix",
+            "uniform",
+            "--port",
+            str(port),
+            "-c",
+            "512",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     try:
-        body = json.dumps({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
-                           "repeat_penalty": 1.0}).encode()  # the server defaults to 1.1
+        body = json.dumps(
+            {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "repeat_penalty": 1.0}
+        ).encode()  # the server defaults to 1.1
         for _ in range(120):
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                             {"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+                )
                 reply = json.load(urllib.request.urlopen(req, timeout=60))
                 break
             except OSError:

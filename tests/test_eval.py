@@ -13,21 +13,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import open_model
 
 from ggufloop.cli import main
-from ggufloop.evaluate import evaluate, run_unit
-from ggufloop.scoring import Scorer, accuracy
-from ggufloop.stats import compare, mcnemar_exact, paired_bootstrap
-from ggufloop.store import Store
-from ggufloop.tasks import TASKS, Item, resolve_tasks
+from ggufloop.eval.evaluate import evaluate, run_unit
+from ggufloop.eval.scoring import Scorer, accuracy
+from ggufloop.eval.stats import compare, mcnemar_exact, paired_bootstrap
+from ggufloop.eval.store import Store
+from ggufloop.eval.tasks import TASKS, Item, resolve_tasks
+
+from conftest import open_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("task, n, choices", [
-    ("winogrande", 1267, 2), ("arc_easy", 570, None), ("arc_challenge", 299, None), ("hellaswag", 10042, 4),
-    ("piqa", 1838, 2), ("boolq", 3270, 2), ("openbookqa", 500, 4)])
+@pytest.mark.parametrize(
+    "task, n, choices",
+    [
+        ("winogrande", 1267, 2),
+        ("arc_easy", 570, None),
+        ("arc_challenge", 299, None),
+        ("hellaswag", 10042, 4),
+        ("piqa", 1838, 2),
+        ("boolq", 3270, 2),
+        ("openbookqa", 500, 4),
+    ],
+)
 def test_task_counts(task, n, choices):
     items = TASKS[task].items(limit=None)
     assert len(items) == n and len({it.id for it in items}) == n
@@ -44,18 +54,26 @@ def test_mmlu_has_57_subjects_and_1531_questions():
 
 def test_known_items_render_exactly():
     arc = TASKS["arc_easy"].items(shots=0)[0]
-    assert arc.requests()[0] == ("Question: Which technology was developed most recently?\nAnswer:", " cellular telephone")
+    assert arc.requests()[0] == (
+        "Question: Which technology was developed most recently?\nAnswer:",
+        " cellular telephone",
+    )
     assert arc.gold == 0
     wino = TASKS["winogrande"].items(shots=0)[0]
-    assert wino.requests() == [("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
-                               ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.")]
+    assert wino.requests() == [
+        ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
+        ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases."),
+    ]
     assert wino.gold == 1
     hs = TASKS["hellaswag"].items(shots=0)[0]
-    assert hs.requests()[3] == ("Roof shingle removal: A man is sitting on a roof. He",
-                                " starts pulling up roofing on a roof.")
+    assert hs.requests()[3] == (
+        "Roof shingle removal: A man is sitting on a roof. He",
+        " starts pulling up roofing on a roof.",
+    )
     mmlu = TASKS["mmlu:anatomy"].items(shots=0)[0]
     assert mmlu.requests()[0][0].startswith(
-        "The following are multiple choice questions (with answers) about anatomy.\n\n")
+        "The following are multiple choice questions (with answers) about anatomy.\n\n"
+    )
     assert mmlu.requests()[0][0].endswith("\nD. ") is False and mmlu.requests()[0][0].endswith("Answer:")
     assert [c for _, c in mmlu.requests()] == [" A", " B", " C", " D"]
     boolq = TASKS["boolq"].items(shots=0)[0]
@@ -137,8 +155,23 @@ def test_store_never_scores_twice(tiny_models, tmp_path):
 
 def test_killed_run_resumes(tiny_models, tmp_path):
     db = tmp_path / "r.sqlite"
-    args = [sys.executable, "-m", "ggufloop", "eval", str(tiny_models["llama"][2]), "--tasks", "arc_easy",
-            "--loop", "2:4x3", "--limit", "64", "--db", str(db), "--json", str(tmp_path / "out.json")]
+    args = [
+        sys.executable,
+        "-m",
+        "ggufloop",
+        "eval",
+        str(tiny_models["llama"][2]),
+        "--tasks",
+        "arc_easy",
+        "--loop",
+        "2:4x3",
+        "--limit",
+        "64",
+        "--db",
+        str(db),
+        "--json",
+        str(tmp_path / "out.json"),
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     n = 0
     for _ in range(600):
@@ -158,14 +191,36 @@ def test_killed_run_resumes(tiny_models, tmp_path):
     assert done.returncode == 0, done.stderr
     after = sqlite3.connect(db).execute("SELECT plan, item, lls FROM results").fetchall()
     assert len(after) == 128 and set(before) <= set(after)  # nothing lost, nothing scored twice
-    fresh = evaluate(tiny_models["llama"][2], resolve_tasks("arc_easy"), "2:4x3", limit=64, db=tmp_path / "fresh.sqlite")
+    fresh = evaluate(
+        tiny_models["llama"][2], resolve_tasks("arc_easy"), "2:4x3", limit=64, db=tmp_path / "fresh.sqlite"
+    )
     assert "arc_easy" in done.stdout and f"{fresh[0]['plan']['acc']:.4f}" in done.stdout
 
 
 def test_sweep_writes_heatmap_and_csv(tiny_models, tmp_path):
-    res = CliRunner().invoke(main, ["sweep", str(tiny_models["gemma3"][2]), "--task", "piqa", "--count", "2",
-                                    "--starts", "1:3", "--sizes", "1:3", "--limit", "6", "--jobs", "2",
-                                    "--db", str(tmp_path / "s.sqlite"), "-o", str(tmp_path)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            str(tiny_models["gemma3"][2]),
+            "--task",
+            "piqa",
+            "--count",
+            "2",
+            "--starts",
+            "1:3",
+            "--sizes",
+            "1:3",
+            "--limit",
+            "6",
+            "--jobs",
+            "2",
+            "--db",
+            str(tmp_path / "s.sqlite"),
+            "-o",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(next(tmp_path.glob("sweep-*.csv")))))
     assert {(r["start"], r["end"]) for r in rows} == {("1", "2"), ("1", "3"), ("2", "3"), ("2", "4")}

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import PROMPT, TOL, eval_logits, logits, open_model, rel_err
-from reference import forward
 
 from ggufloop import BackendError, LoopPlan, PlanError
+
+from conftest import PROMPT, TOL, eval_logits, logits, open_model, rel_err
+from reference import forward
 
 MIXES = ["none", "uniform", "ema:0.3", "autoalign", "autoalign:0.05", "noise:7"]
 
@@ -79,12 +80,15 @@ def test_mix_changes_without_reloading(tiny_models):
     llm.close()
 
 
-@pytest.mark.parametrize("bad, reason", [
-    ("1:4x3/average", "unknown mix"),
-    ("1:4x3/ema:1.5", r"beta must be in \[0, 1\]"),
-    ("1:4x3/autoalign:0", "temperature must be > 0"),
-    ("0:3,2:6/uniform", "needs a start:end xcount plan"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ("1:4x3/average", "unknown mix"),
+        ("1:4x3/ema:1.5", r"beta must be in \[0, 1\]"),
+        ("1:4x3/autoalign:0", "temperature must be > 0"),
+        ("0:3,2:6/uniform", "needs a start:end xcount plan"),
+    ],
+)
 def test_bad_mixes_are_refused_in_python(bad, reason):
     with pytest.raises(PlanError, match=reason):
         LoopPlan.parse(bad)
@@ -94,11 +98,13 @@ def test_bad_mixes_are_refused_by_the_backend(tiny_models):
     _, _, path = tiny_models["llama"]
     from ggufloop import LoopedLlama
 
-    for kv, reason in [({"ggufloop.loop.mix": "average"}, "unknown mix 'average'"),
-                       ({"ggufloop.loop.beta": 2.0}, r"beta must be in \[0, 1\]"),
-                       ({"ggufloop.loop.temperature": 0.0}, "temperature must be > 0"),
-                       ({"ggufloop.loop.mix": "uniform"}, "needs a loop plan"),
-                       ({"ggufloop.layers": "0:4,2:6", "ggufloop.loop.mix": "ema"}, "needs a loop plan")]:
+    for kv, reason in [
+        ({"ggufloop.loop.mix": "average"}, "unknown mix 'average'"),
+        ({"ggufloop.loop.beta": 2.0}, r"beta must be in \[0, 1\]"),
+        ({"ggufloop.loop.temperature": 0.0}, "temperature must be > 0"),
+        ({"ggufloop.loop.mix": "uniform"}, "needs a loop plan"),
+        ({"ggufloop.layers": "0:4,2:6", "ggufloop.loop.mix": "ema"}, "needs a loop plan"),
+    ]:
         with pytest.raises(BackendError, match=reason):
             LoopedLlama(str(path), kv_overrides=kv, verbose=False)
     llm = open_model(path, "0:3,2:6")

@@ -9,20 +9,35 @@ from hypothesis import strategies as st
 from ggufloop.plan import LoopPlan, Mix, PlanError
 
 
-@pytest.mark.parametrize("text, schedule", [
-    ("none", [0, 1, 2, 3, 4, 5]),
-    ("2:4x1", [0, 1, 2, 3, 4, 5]),
-    ("2:4x3", [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]),
-    ("0:6x2", [0, 1, 2, 3, 4, 5] * 2),
-    ("0:4,1:6", [0, 1, 2, 3, 1, 2, 3, 4, 5]),
-])
+@pytest.mark.parametrize(
+    "text, schedule",
+    [
+        ("none", [0, 1, 2, 3, 4, 5]),
+        ("2:4x1", [0, 1, 2, 3, 4, 5]),
+        ("2:4x3", [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]),
+        ("0:6x2", [0, 1, 2, 3, 4, 5] * 2),
+        ("0:4,1:6", [0, 1, 2, 3, 1, 2, 3, 4, 5]),
+    ],
+)
 def test_schedule(text, schedule):
     assert LoopPlan.parse(text).schedule(6) == schedule
     assert LoopPlan.parse(text).virtual_depth(6) == len(schedule)
 
 
-@pytest.mark.parametrize("text", ["none", "10:15x3", "10:15x3/uniform", "10:15x3/ema:0.3", "3:4x2/ema",
-                                  "10:15x3/autoalign:0.5", "10:15x3/noise:7", "0:20,10:30", "5:9x1/autoalign"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "none",
+        "10:15x3",
+        "10:15x3/uniform",
+        "10:15x3/ema:0.3",
+        "3:4x2/ema",
+        "10:15x3/autoalign:0.5",
+        "10:15x3/noise:7",
+        "0:20,10:30",
+        "5:9x1/autoalign",
+    ],
+)
 def test_round_trip(text):
     plan = LoopPlan.parse(text)
     assert LoopPlan.parse(str(plan)) == plan
@@ -34,19 +49,22 @@ def test_defaults_print_short():
     assert LoopPlan.parse(None) == LoopPlan.parse("") == LoopPlan.parse("none") == LoopPlan()
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("10:15", None),  # a single range is a general schedule, not an error
-    ("15:10x3", "need 0 <= start < end"),
-    ("10:15x0", "count must be >= 1"),
-    ("10-15x3", "cannot parse plan"),
-    ("10:15x3/average", "unknown mix"),
-    ("10:15x3/ema:2", r"beta must be in \[0, 1\]"),
-    ("10:15x3/ema:abc", "bad parameter"),
-    ("10:15x3/uniform:3", "takes no parameter"),
-    ("10:15x3/autoalign:-1", "temperature must be > 0"),
-    ("10:15x3/noise:-1", "seed"),
-    ("0:5,5:10/uniform", "needs a start:end xcount plan"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("10:15", None),  # a single range is a general schedule, not an error
+        ("15:10x3", "need 0 <= start < end"),
+        ("10:15x0", "count must be >= 1"),
+        ("10-15x3", "cannot parse plan"),
+        ("10:15x3/average", "unknown mix"),
+        ("10:15x3/ema:2", r"beta must be in \[0, 1\]"),
+        ("10:15x3/ema:abc", "bad parameter"),
+        ("10:15x3/uniform:3", "takes no parameter"),
+        ("10:15x3/autoalign:-1", "temperature must be > 0"),
+        ("10:15x3/noise:-1", "seed"),
+        ("0:5,5:10/uniform", "needs a start:end xcount plan"),
+    ],
+)
 def test_parse_errors(text, reason):
     if reason is None:
         assert LoopPlan.parse(text).ranges == ((10, 15),)
@@ -56,7 +74,9 @@ def test_parse_errors(text, reason):
 
 
 def test_validate_against_the_model():
-    with pytest.raises(PlanError, match=r"the model has 30 layers, so a block is start:end with 0 <= start < end <= 30"):
+    with pytest.raises(
+        PlanError, match=r"the model has 30 layers, so a block is start:end with 0 <= start < end <= 30"
+    ):
         LoopPlan.parse("20:40x2").validate(30)
     with pytest.raises(PlanError, match="limit of 512"):
         LoopPlan.parse("0:30x20").validate(30)
@@ -80,8 +100,12 @@ def test_parsing_never_crashes(text):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 40), st.integers(1, 20), st.integers(1, 6),
-       st.sampled_from(["none", "uniform", "ema:0.25", "autoalign:2", "noise:3"]))
+@given(
+    st.integers(0, 40),
+    st.integers(1, 20),
+    st.integers(1, 6),
+    st.sampled_from(["none", "uniform", "ema:0.25", "autoalign:2", "noise:3"]),
+)
 def test_generated_plans_round_trip(start, size, count, mix):
     plan = LoopPlan(start, start + size, count, mix=Mix.parse(mix))
     assert LoopPlan.parse(str(plan)) == plan

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-
 import llama_cpp
+import numpy as np
 import pytest
 from test_backend import capture_llama_log
 
@@ -43,14 +42,17 @@ def test_looped_plan_generates_and_costs_only_kv(name, plan, n_layer, n_virtual)
 @pytest.mark.parametrize("name, plan", [("smollm2-135m-instruct", "10:15x2"), ("gemma3-270m", "4:8x3")])
 def test_plan_equals_duplicated_quantized_file(name, plan, tmp_path):
     """Same batch shapes, same quantized weights: the plan and the passthrough file agree exactly."""
-    from ggufloop.duplicate import write_duplicated
+    from ggufloop.gguf_io import write_duplicated
     from ggufloop.plan import LoopPlan
 
     path = models.fetch(name, quiet=True)
     n_layer = 30 if name.startswith("smollm2") else 18
     dup = write_duplicated(path, tmp_path / "dup.gguf", LoopPlan.parse(plan).schedule(n_layer))
-    tokens = [1, 504, 3458, 282, 4649, 314, 4724, 30, 378, 3458, 282, 7042, 314] if name.startswith("smollm2") \
+    tokens = (
+        [1, 504, 3458, 282, 4649, 314, 4724, 30, 378, 3458, 282, 7042, 314]
+        if name.startswith("smollm2")
         else [2, 818, 5279, 529, 7001, 563, 9079, 236761, 669, 5279, 529, 9405, 563]
+    )
     out = {}
     for key, (p, loop) in {"looped": (path, plan), "dup": (dup, "none")}.items():
         llm = LoopedLlama(str(p), loop=loop, n_ctx=128, logits_all=True, n_threads=2, verbose=False)

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import PROMPT, TOL, eval_logits, open_model, rel_err
 
 from ggufloop.cli import main
 from ggufloop.trajectory import capture, load_head, metrics
+
+from conftest import PROMPT, TOL, eval_logits, open_model, rel_err
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -52,8 +53,22 @@ def test_metrics_line_up_passes(tiny_models):
 
 
 def test_trace_command(tiny_models, tmp_path):
-    res = CliRunner().invoke(main, ["trace", str(tiny_models["gemma3"][2]), "w1 w2 hello", "--loop", "1:4x3",
-                                    "--mix", "uniform", "--compare", "none", "-o", str(tmp_path)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "trace",
+            str(tiny_models["gemma3"][2]),
+            "w1 w2 hello",
+            "--loop",
+            "1:4x3",
+            "--mix",
+            "uniform",
+            "--compare",
+            "none",
+            "-o",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert set(data["runs"]) == {"unlooped", "uniform", "none"}

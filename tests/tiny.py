@@ -48,8 +48,10 @@ def make_weights(spec: Spec, seed: int = 0) -> dict[str, np.ndarray]:
     def norm(n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    w = {"token_embd.weight": (rng.standard_normal((V, E)) * (0.2 if spec.arch == "gemma3" else 1.0)).astype(np.float32),
-         "output_norm.weight": norm(E)}
+    w = {
+        "token_embd.weight": (rng.standard_normal((V, E)) * (0.2 if spec.arch == "gemma3" else 1.0)).astype(np.float32),
+        "output_norm.weight": norm(E),
+    }
     if spec.arch != "gemma3":
         w["output.weight"] = mat(V, E)
     for i in range(spec.n_layer):
@@ -78,11 +80,16 @@ def make_weights(spec: Spec, seed: int = 0) -> dict[str, np.ndarray]:
 def layer_weights(weights: dict[str, np.ndarray], il: int) -> dict[str, np.ndarray]:
     """The tensors of layer il, keyed without the blk.N. prefix."""
     p = f"blk.{il}."
-    return {k[len(p):]: v for k, v in weights.items() if k.startswith(p)}
+    return {k[len(p) :]: v for k, v in weights.items() if k.startswith(p)}
 
 
-def write_model(path: "str | Path", spec: Spec, weights: dict[str, np.ndarray],
-                layer_map: "list[int] | None" = None, extra_kv: "dict | None" = None) -> Path:
+def write_model(
+    path: str | Path,
+    spec: Spec,
+    weights: dict[str, np.ndarray],
+    layer_map: list[int] | None = None,
+    extra_kv: dict | None = None,
+) -> Path:
     """Write an F32 GGUF; layer_map lists the physical layer behind each written layer."""
     layer_map = list(range(spec.n_layer)) if layer_map is None else list(layer_map)
     arch = spec.arch
@@ -110,8 +117,11 @@ def write_model(path: "str | Path", spec: Spec, weights: dict[str, np.ndarray],
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * 259 + [-float(i) for i in range(n_words)])
-    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * n_words)
+    w.add_token_types(
+        [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+        + [gguf.TokenType.BYTE] * 256
+        + [gguf.TokenType.NORMAL] * n_words
+    )
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     for key, value in (extra_kv or {}).items():

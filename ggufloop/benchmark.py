@@ -1,0 +1,274 @@
+"""Speed and memory of looping, measured side by side in one run.
+
+Every variant runs in its own process (the stock library and the patched one cannot share a
+process), with the same threads and flags; variants are interleaved and repeated and medians
+reported. Variants: stock llama-cpp-python (``make stock``), the patched build with no plan, the
+patched build with a plan at K = 2, 3, 4 (naive, and each mix at K = 3), and the stock build
+running a file whose layers are physically duplicated to the same schedule.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .gguf_io import model_info
+from .plan import MIXES as PLAN_MIXES
+from .plan import LoopPlan
+
+ROOT = Path(__file__).resolve().parent.parent
+STOCK_PYTHON = ROOT / ".venv-stock" / "bin" / "python"
+MIXES = tuple(m for m in PLAN_MIXES if m != "none")  # every mix is measured at K = 3
+
+
+@dataclass
+class Variant:
+    name: str
+    python: str  # interpreter: the patched or the stock environment
+    model: str
+    plan: str = "none"  # passed as metadata overrides (the stock build ignores them)
+    ideal: float = 1.0  # virtual depth / physical depth
+
+
+@dataclass
+class Result:
+    variant: str
+    prefill_tps: list[float] = field(default_factory=list)
+    decode_tps: list[float] = field(default_factory=list)
+    rss_mib: list[float] = field(default_factory=list)
+    weights_mib: float = 0.0
+    kv_mib: float = 0.0
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process now (Linux), or its peak elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(spec: dict) -> dict:
+    """Runs in the variant's own process: load, warm up, time prefill and decode."""
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    kv = LoopPlan.parse(spec["plan"]).kv_overrides() if spec["plan"] != "none" else None
+    rss0 = _rss_mib()
+    n_prompt, n_decode = spec["n_prompt"], spec["n_decode"]
+    llm = llama_cpp.Llama(
+        spec["model"],
+        n_ctx=n_prompt + n_decode + 16,
+        n_batch=n_prompt,
+        n_ubatch=n_prompt,
+        n_threads=spec["threads"],
+        n_threads_batch=spec["threads"],
+        kv_overrides=kv,
+        verbose=False,
+    )
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))  # Llama() installs its own logger
+    tokens = [(i * 7919) % (llm.n_vocab() - 100) + 50 for i in range(n_prompt + n_decode)]
+    llm.eval(tokens[:32])  # warm-up
+    prefill, decode = [], []
+    for _ in range(spec.get("inner", 3)):  # the best of a few: other load on the machine only slows runs down
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(tokens[:n_prompt])
+        t1 = time.perf_counter()
+        for tok in tokens[n_prompt:]:
+            llm.eval([tok])
+        t2 = time.perf_counter()
+        prefill.append(t1 - t0)
+        decode.append(t2 - t1)
+    kv_mib = sum(float(m) for m in re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB", "".join(lines)))
+    out = {
+        "prefill_tps": n_prompt / min(prefill),
+        "decode_tps": n_decode / min(decode),
+        "rss_mib": _rss_mib() - rss0,
+        "weights_mib": llama_cpp.llama_model_size(llm.model) / 2**20,
+        "kv_mib": kv_mib,
+    }
+    llm.close()
+    return out
+
+
+def run_variant(v: Variant, threads: int, n_prompt: int, n_decode: int) -> dict:
+    spec = {"model": v.model, "plan": v.plan, "threads": threads, "n_prompt": n_prompt, "n_decode": n_decode}
+    proc = subprocess.run(
+        [v.python, "-m", "ggufloop.benchmark", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"variant {v.name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def variants(model: Path, start: int, end: int, counts: tuple[int, ...], stock: bool, work: Path) -> list[Variant]:
+    """The variants of one model; the duplicated files are written into work."""
+    from .gguf_io import write_duplicated
+
+    n_layer = model_info(model).n_layer
+    me = sys.executable
+    out = [Variant("patched, no plan", me, str(model))]
+    if stock:
+        out.insert(0, Variant("stock", str(STOCK_PYTHON), str(model)))
+    for k in counts:
+        plan = LoopPlan(start, end, k)
+        ideal = plan.virtual_depth(n_layer) / n_layer
+        out.append(Variant(f"{start}:{end}x{k} none", me, str(model), str(plan), ideal))
+        if k == 3:
+            out += [Variant(f"{start}:{end}x{k} {mix}", me, str(model), f"{plan}/{mix}", ideal) for mix in MIXES]
+        if stock:
+            dup = work / f"{model.stem}-dup-{start}-{end}x{k}.gguf"
+            if not dup.exists():
+                write_duplicated(model, dup, plan.schedule(n_layer))
+            out.append(
+                Variant(f"{start}:{end}x{k} duplicated file (stock)", str(STOCK_PYTHON), str(dup), "none", ideal)
+            )
+    return out
+
+
+def summarize(results: dict[str, Result], vs: list[Variant]) -> list[dict]:
+    """Medians and the ratios the targets are stated in."""
+    med = {name: (statistics.median(r.prefill_tps), statistics.median(r.decode_tps)) for name, r in results.items()}
+    base = med["patched, no plan"]
+    rows = []
+    for v in vs:
+        r = results[v.name]
+        p, d = med[v.name]
+        naive = med.get(f"{v.name.split()[0]} none") if v.plan.count("/") else None
+        rows.append(
+            {
+                "variant": v.name,
+                "ideal_ratio": round(v.ideal, 4),
+                "prefill_tps": round(p, 1),
+                "decode_tps": round(d, 1),
+                "prefill_time_ratio": round(base[0] / p, 4),
+                "decode_time_ratio": round(base[1] / d, 4),
+                "vs_ideal_prefill": round(base[0] / p / v.ideal, 4),
+                "vs_ideal_decode": round(base[1] / d / v.ideal, 4),
+                "vs_naive_prefill": round(naive[0] / p, 4) if naive else None,
+                "vs_naive_decode": round(naive[1] / d, 4) if naive else None,
+                "speed_vs_stock_prefill": round(p / med["stock"][0], 4) if "stock" in med else None,
+                "speed_vs_stock_decode": round(d / med["stock"][1], 4) if "stock" in med else None,
+                "rss_mib": round(statistics.median(r.rss_mib), 1),
+                "weights_mib": round(r.weights_mib, 2),
+                "kv_mib": round(r.kv_mib, 2),
+            }
+        )
+    return rows
+
+
+def markdown(model: str, rows: list[dict], meta: dict) -> str:
+    cols = [
+        "variant",
+        "prefill_tps",
+        "decode_tps",
+        "ideal_ratio",
+        "prefill_time_ratio",
+        "decode_time_ratio",
+        "vs_naive_prefill",
+        "vs_naive_decode",
+        "speed_vs_stock_prefill",
+        "speed_vs_stock_decode",
+        "weights_mib",
+        "kv_mib",
+        "rss_mib",
+    ]
+    out = [f"### {model}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def scoring_speed(model: Path, task: str, limit: int, threads: int) -> dict:
+    """Shared-context scoring against one full forward pass per choice, and against plain prefill speed."""
+    import llama_cpp
+
+    from .eval.scoring import Scorer
+    from .eval.tasks import TASKS
+
+    items = TASKS[task].items(limit=limit)
+    scorer = Scorer(str(model), None, threads=threads)
+    n_tokens = sum(len(t) for it in items for t in scorer.prepare(it).tokens)
+    t0 = time.perf_counter()
+    fast = scorer.score(items)
+    t1 = time.perf_counter()
+    naive = scorer.score_naive(items)
+    t2 = time.perf_counter()
+    scorer.close()
+    llm = llama_cpp.Llama(
+        str(model), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    prompt = [(i * 7919) % (llm.n_vocab() - 100) + 50 for i in range(512)]
+    llm.eval(prompt[:32])
+    llm.reset()
+    t3 = time.perf_counter()
+    llm.eval(prompt)
+    prefill_tps = 512 / (time.perf_counter() - t3)
+    llm.close()
+    agree = max(abs(a - b) for fa, na in zip(fast, naive) for a, b in zip(fa, na))
+    return {
+        "task": task,
+        "items": len(items),
+        "scored_tokens": n_tokens,
+        "shared_s": round(t1 - t0, 2),
+        "naive_s": round(t2 - t1, 2),
+        "speedup": round((t2 - t1) / (t1 - t0), 2),
+        "scored_tokens_per_s": round(n_tokens / (t1 - t0), 1),
+        "prefill_tokens_per_s": round(prefill_tps, 1),
+        "prefill_over_scoring": round(prefill_tps / (n_tokens / (t1 - t0)), 2),
+        "max_ll_difference": agree,
+    }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def page(meta: dict, report: list[str]) -> str:
+    head = [
+        "# Benchmarks",
+        "",
+        f"Machine: {meta['cpu']} ({meta['machine']}), {meta['threads']} threads, Python {meta['python']}, "
+        f"{meta['date']}. Prefill: {meta['prompt_tokens']} tokens in one batch; decode: {meta['decode_tokens']} "
+        f"tokens one at a time. Medians of {meta['repeats']} interleaved runs, each in its own process and timing "
+        "the best of 3 passes.",
+        "",
+        "Reproduce: `make bench` (or `ggufloop bench MODEL ...`).",
+        "",
+        "Columns: `*_time_ratio` is the variant's time over the unlooped patched build's; `ideal_ratio` is "
+        "(L + (K-1)m)/L; `vs_naive_*` is a mix's time over naive looping on the same plan; `speed_vs_stock_*` is "
+        "speed over the stock build's. Memory in MiB: weights and KV cache as llama.cpp reports them; "
+        "`rss_mib` is the growth of the process's resident memory from before loading the model to after "
+        "decoding (mapped weights that were touched, KV cache, compute buffers).",
+        "",
+    ]
+    return "\n".join(head + report)
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.argv[1]))))

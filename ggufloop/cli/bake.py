@@ -1,0 +1,25 @@
+"""`ggufloop bake`: a copy of a GGUF file with a loop plan stored in its metadata.
+
+Only the metadata is rewritten; tensors are copied byte for byte, so any build of the patched
+backend, llama.cpp's own tools included, runs the file looped by default.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .options import plan_from, plan_options
+
+
+@click.command("bake")
+@click.argument("model")
+@plan_options(required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The new GGUF file.")
+def command(model: str, loop: str, mix: str | None, output: str) -> None:
+    """Store a loop plan in a copy of MODEL's metadata (tensors unchanged)."""
+    from ..gguf_io import write_plan
+    from ..models import resolve
+
+    plan = plan_from(loop, mix)
+    out = write_plan(resolve(model), output, plan)
+    click.echo(f"wrote {out} with plan {plan}")

@@ -1,0 +1,94 @@
+"""`ggufloop bench`: speed and memory of looping, measured side by side in one run (see
+ggufloop.benchmark for the variants and how they are timed)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from .options import quiet_llama_logs
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1)
+@click.option("--block", default=None, metavar="S:E", help="Block to loop (default: the middle third of the layers).")
+@click.option("--counts", default="2,3,4", show_default=True, help="Loop counts K to measure.")
+@click.option("--repeats", "-r", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--threads", "-t", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(8), default=512, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--no-stock", is_flag=True, help="Skip the stock-build variants (no `make stock`).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default="docs", show_default=True)
+def command(
+    models: tuple[str, ...],
+    block: str | None,
+    counts: str,
+    repeats: int,
+    threads: int,
+    prompt_tokens: int,
+    decode_tokens: int,
+    no_stock: bool,
+    output: str,
+) -> None:
+    """Measure prefill and decode speed and memory of looping on MODELS (default: the packaged ones)."""
+    from .. import plots
+    from ..benchmark import ROOT, STOCK_PYTHON, Result, cpu_name, markdown, page, run_variant, summarize, variants
+    from ..gguf_io import model_info
+    from ..models import CATALOG, resolve
+
+    quiet_llama_logs()
+    stock = not no_stock
+    if stock and not STOCK_PYTHON.exists():
+        raise FileNotFoundError("the stock build is missing: run `make stock`, or pass --no-stock")
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = ROOT / "build" / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    ks = tuple(int(k) for k in counts.split(","))
+    meta = {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
+        "threads": threads,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    report, data = [], {"meta": meta, "models": {}}
+    for name in models or tuple(CATALOG):
+        path = resolve(name)
+        n_layer = model_info(path).n_layer
+        s, e = (int(x) for x in block.split(":")) if block else (n_layer // 3, n_layer // 3 + max(1, n_layer // 6))
+        vs = variants(path, s, e, ks, stock, work)
+        results = {v.name: Result(v.name) for v in vs}
+        with click.progressbar(length=repeats * len(vs), label=f"{path.stem}", file=sys.stderr) as bar:
+            for _ in range(repeats):
+                for v in vs:  # interleaved, so drift in machine load hits every variant alike
+                    m = run_variant(v, threads, prompt_tokens, decode_tokens)
+                    r = results[v.name]
+                    r.prefill_tps.append(m["prefill_tps"])
+                    r.decode_tps.append(m["decode_tps"])
+                    r.rss_mib.append(m["rss_mib"])
+                    r.weights_mib, r.kv_mib = m["weights_mib"], m["kv_mib"]
+                    bar.update(1)
+        rows = summarize(results, vs)
+        data["models"][path.stem] = {
+            "block": f"{s}:{e}",
+            "n_layer": n_layer,
+            "rows": rows,
+            "raw": [asdict(r) for r in results.values()],
+        }
+        report.append(markdown(f"{path.stem} ({n_layer} layers, block {s}:{e})", rows, meta))
+        click.echo(report[-1])
+    (out_dir / "benchmarks.json").write_text(json.dumps(data, indent=1))
+    plots.bench_ratios(data, out_dir / "benchmarks.png")
+    (out_dir / "benchmarks.md").write_text(page(meta, report) + "\n![time ratios](benchmarks.png)\n")
+    click.echo(f"wrote {out_dir / 'benchmarks.md'} and {out_dir / 'benchmarks.json'}", err=True)

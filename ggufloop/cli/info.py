@@ -1,0 +1,37 @@
+"""`ggufloop info MODEL`: what a GGUF file holds and whether it can loop."""
+
+from __future__ import annotations
+
+import click
+
+
+def rows(model: str) -> list[tuple[str, str]]:
+    """(label, value) lines about a model file, read from its header."""
+    from .._lib import supported_archs
+    from ..gguf_io import model_info
+    from ..models import resolve
+
+    mi = model_info(resolve(model))
+    support = "yes" if mi.loop_supported else f"no (supported: {', '.join(supported_archs())})"
+    return [
+        ("file", str(mi.path)),
+        ("architecture", mi.arch),
+        ("layers", str(mi.n_layer)),
+        ("width", str(mi.n_embd)),
+        ("quantization", mi.quant),
+        ("size", f"{mi.size_bytes / 2**20:.1f} MiB"),
+        ("chat template", "yes" if mi.has_chat_template else "no"),
+        ("looping supported", support),
+        ("stored plan", str(mi.stored_plan)),
+    ]
+
+
+@click.command("info")
+@click.argument("model")
+def command(model: str) -> None:
+    """Show a model's architecture, layers, width, quantization, size and stored plan.
+
+    MODEL is a GGUF file or a packaged model name (see `ggufloop models list`).
+    """
+    for key, value in rows(model):
+        click.echo(f"{key:>18}: {value}")

@@ -1,0 +1,50 @@
+"""`ggufloop trace`: what looping does to the hidden state, pass by pass, in pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .options import plan_from, plan_options, quiet_llama_logs
+
+
+@click.command("trace")
+@click.argument("model")
+@click.argument("prompt")
+@plan_options(required=True)
+@click.option(
+    "--compare", default=None, metavar="MIXES", help="Other mixes to overlay, comma-separated (e.g. none,uniform)."
+)
+@click.option("--threads", "-t", type=click.IntRange(1), default=None)
+@click.option("-o", "--output", type=click.Path(file_okay=False), default="traces", show_default=True)
+def command(
+    model: str, prompt: str, loop: str, mix: str | None, compare: str | None, threads: int | None, output: str
+) -> None:
+    """Capture the residual stream after every virtual layer for PROMPT; metrics as JSON, figures as PNG."""
+    from .. import plots
+    from ..models import resolve
+    from ..trajectory import summary, trace_runs
+
+    quiet_llama_logs()
+    plan = plan_from(loop, mix)
+    if plan.ranges or not plan.end:
+        raise click.BadParameter("trace takes a block plan START:ENDxCOUNT", param_hint="--loop")
+    mixes = list(dict.fromkeys([str(plan.mix)] + [m.strip() for m in (compare or "").split(",") if m.strip()]))
+    path = resolve(model)
+    data = trace_runs(path, prompt, plan, mixes, threads)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"trace-{path.stem}-{plan.start}_{plan.end}x{plan.count}"
+    (out / f"{stem}.json").write_text(json.dumps(data))
+    plots.trace_curves(data, plan, out / f"{stem}-curves.png")
+    for label, run in data["runs"].items():
+        plots.logit_lens(
+            run,
+            data["tokens"],
+            f"logit lens, {path.stem}, {run['plan']}",
+            out / f"{stem}-lens-{label.replace(':', '_')}.png",
+        )
+    click.echo("\n".join(summary(data, plan)))
+    click.echo(f"wrote {out / stem}.json and figures", err=True)

@@ -1,0 +1,138 @@
+"""Benchmark evaluation of loop plans: resumable, one batch of items at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..plan import LoopPlan
+from .scoring import Scorer, accuracy
+from .stats import Comparison, compare
+from .store import Row, Store
+from .tasks import Task
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: str
+    shots: int
+    plan: str
+    n: int
+    acc: float
+    acc_norm: float
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def run_unit(
+    scorer: Scorer,
+    store: Store,
+    model_sha: str,
+    task: Task,
+    shots: int | None,
+    limit: int | None,
+    progress: Callable[[int], None] | None = None,
+    batch_items: int = 16,
+) -> dict[str, tuple[int, int]]:
+    """Score one (plan, task) unit, skipping what the store has; returns item -> (correct, correct_norm)."""
+    shots = task.default_shots if shots is None else shots
+    items = task.items(shots, limit)
+    plan = str(scorer.plan)
+    done = store.done(model_sha, task.name, shots, plan)
+    todo = [it for it in items if it.id not in done]
+    if progress and len(items) > len(todo):
+        progress(len(items) - len(todo))
+    for chunk in _chunks(todo, batch_items):
+        lls = scorer.score(chunk)
+        store.add(
+            model_sha,
+            task.name,
+            shots,
+            plan,
+            [Row(it.id, ll, it.gold, *accuracy(it, ll)) for it, ll in zip(chunk, lls)],
+        )
+        if progress:
+            progress(len(chunk))
+    rows = store.rows(model_sha, task.name, shots, plan)
+    return {it.id: rows[it.id] for it in items}
+
+
+def summarize(task: str, shots: int, plan: str, rows: dict[str, tuple[int, int]]) -> TaskResult:
+    n = len(rows)
+    return TaskResult(task, shots, plan, n, sum(c for c, _ in rows.values()) / n, sum(c for _, c in rows.values()) / n)
+
+
+def paired(base: dict[str, tuple[int, int]], plan: dict[str, tuple[int, int]], norm: bool = False) -> Comparison:
+    ids = sorted(base)
+    k = 1 if norm else 0
+    return compare([base[i][k] for i in ids], [plan[i][k] for i in ids])
+
+
+def evaluate(
+    model: str | Path,
+    tasks: list[Task],
+    plan: LoopPlan | str,
+    shots: int | None = None,
+    limit: int | None = None,
+    db: str | Path | None = None,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Baseline and plan on every task: accuracies and the paired comparison of acc and acc_norm."""
+    store = Store(db) if db else Store()
+    sha = store.model_sha(model)
+    plan = LoopPlan.parse(plan)
+    scorer = Scorer(str(model), None, threads=threads)
+    out = []
+    try:
+        base_rows = {t.name: run_unit(scorer, store, sha, t, shots, limit, progress) for t in tasks}
+        if plan != LoopPlan():
+            scorer.set_plan(plan)
+        for t in tasks:
+            s = t.default_shots if shots is None else shots
+            rows = run_unit(scorer, store, sha, t, shots, limit, progress)
+            out.append(
+                {
+                    "task": t.name,
+                    "shots": s,
+                    "fewshot_source": t.fewshot_source,
+                    "baseline": asdict(summarize(t.name, s, "none", base_rows[t.name])),
+                    "plan": asdict(summarize(t.name, s, str(plan), rows)),
+                    "acc": asdict(paired(base_rows[t.name], rows)),
+                    "acc_norm": asdict(paired(base_rows[t.name], rows, norm=True)),
+                }
+            )
+    finally:
+        scorer.close()
+        store.close()
+    return out
+
+
+def comparison_table(results: list[dict]) -> str:
+    """Markdown: baseline, plan, difference with its 95 % interval and McNemar p, per task."""
+    head = (
+        "| task | shots | n | base acc | plan acc | diff [95% CI] | p | base acc_norm | plan acc_norm | "
+        "diff_norm [95% CI] | p_norm |\n" + "|---" * 11 + "|"
+    )
+    lines = [head]
+    for r in results:
+        a, an = r["acc"], r["acc_norm"]
+        lines.append(
+            f"| {r['task']} | {r['shots']} | {a['n']} | {a['base_acc']:.4f} | {a['plan_acc']:.4f} | "
+            f"{a['diff']:+.4f} [{a['ci_low']:+.4f}, {a['ci_high']:+.4f}] | {a['p_value']:.3g} | "
+            f"{an['base_acc']:.4f} | {an['plan_acc']:.4f} | {an['diff']:+.4f} [{an['ci_low']:+.4f}, "
+            f"{an['ci_high']:+.4f}] | {an['p_value']:.3g} |"
+        )
+    mmlu = [r for r in results if r["task"].startswith("mmlu:")]
+    if mmlu:
+        base = sum(r["acc"]["base_acc"] for r in mmlu) / len(mmlu)
+        plan = sum(r["acc"]["plan_acc"] for r in mmlu) / len(mmlu)
+        lines.append(
+            f"| mmlu (macro, {len(mmlu)} subjects) | 5 | {sum(r['acc']['n'] for r in mmlu)} | {base:.4f} | "
+            f"{plan:.4f} | {plan - base:+.4f} | | | | | |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Sweeps over block ranges: every (s, e) of a window scored as independent, resumable units.
+
+Each (plan, task) is a unit of work in the results database, so a sweep can be stopped and
+restarted or split over worker processes (``run_units`` runs one worker's share on one model
+load; ``python -m ggufloop.eval.sweep SPEC`` is that worker).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import PlanError
+from ..plan import LoopPlan
+from .evaluate import run_unit
+from .scoring import Scorer
+from .store import Store
+from .tasks import TASKS
+
+
+def block_ranges(n_layer: int, starts: str | None, sizes: str | None) -> list[tuple[int, int]]:
+    """Every (s, e) with s in the start window and e - s in the size window (S0:S1, slice semantics)."""
+
+    def window(text: str | None, lo: int, hi: int) -> range:
+        if not text:
+            return range(lo, hi)
+        a, _, b = text.partition(":")
+        try:
+            return range(int(a), int(b) if b else int(a) + 1)
+        except ValueError:
+            raise PlanError(f"bad window {text!r}: expected FIRST:END, such as 4:12") from None
+
+    return [(s, s + m) for s in window(starts, 0, n_layer) for m in window(sizes, 1, n_layer + 1) if s + m <= n_layer]
+
+
+def run_units(
+    model: str, plans: list[str], task: str, shots: int | None, limit: int | None, db: str, threads: int | None
+) -> None:
+    """Score the units of one worker on one model load."""
+    store = Store(db)
+    sha = store.model_sha(model)
+    scorer = Scorer(model, None, threads=threads)
+    try:
+        for plan in plans:
+            if LoopPlan.parse(plan) != scorer.plan:
+                scorer.set_plan(plan)
+            run_unit(scorer, store, sha, TASKS[task], shots, limit)
+    finally:
+        scorer.close()
+        store.close()
+
+
+def main(argv: list[str]) -> None:
+    """A sweep worker: score the units of the JSON spec in argv[0]."""
+    from ..cli.options import quiet_llama_logs
+
+    quiet_llama_logs()
+    spec = json.loads(argv[0])
+    run_units(spec["model"], spec["plans"], spec["task"], spec["shots"], spec["limit"], spec["db"], spec["threads"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
