@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 GGUFLOOP_BACKEND ?= cpu
 export GGUFLOOP_BACKEND
 
-.PHONY: backend stock models data chat test test-fast bench clean
+.PHONY: backend stock models data chat lint test test-fast bench clean
 
 # the project's virtual environment, with the tools that build the backend
 $(VENV)/.ready: pyproject.toml
@@ -40,11 +40,17 @@ data: backend
 chat: backend
 	$(VENV)/bin/ggufloop chat --loop 10:15x3 --mix uniform
 
-test: models data
+# ruff: lint and format, configured in pyproject.toml
+lint: backend
+	$(VENV)/bin/ruff check ggufloop tests patches
+	$(VENV)/bin/ruff format --check ggufloop tests patches
+
+test: lint models data
 	$(PY) -m pytest -q
 
-test-fast: backend
-	$(PY) -m pytest -q -m "not models"
+# without the packaged models and the benchmark data
+test-fast: lint
+	$(PY) -m pytest -q -m "not models and not data"
 
 # speed and memory side by side (docs/benchmarks.md); needs the stock build for comparison
 bench: models stock

@@ -59,7 +59,7 @@ def f32_text(value: float) -> str:
 
 @dataclass(frozen=True)
 class Mix:
-    """How the passes of a looped block are combined (see METHOD: regularized looping)."""
+    """How the passes of a looped block are combined (docs/method.md, "Mixing the passes")."""
 
     name: str = "none"
     beta: float = DEFAULT_BETA

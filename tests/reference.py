@@ -1,6 +1,6 @@
 """A plain numpy forward pass of the tiny test models, with layer schedules and every mix.
 
-Written from the architectures' definitions and METHOD.md's mixing rules, independently of the
+Written from the architectures' definitions and the mixing rules of docs/method.md, independently of the
 C++ patch: the reference the patched backend is checked against.
 """
 

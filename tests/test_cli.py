@@ -234,3 +234,20 @@ def test_serve_answers_with_the_plan(tmp_path):
         proc.terminate()
         stderr = proc.communicate(timeout=30)[1]
     assert "with plan 10:15x2/uniform" in stderr
+
+
+def test_help_and_the_plan_codec_do_not_load_llama_cpp():
+    code = (
+        "import sys\n"
+        "import ggufloop.plan, ggufloop.gguf_io\n"
+        "from ggufloop.cli import main\n"
+        "for args in (['--help'], ['chat', '--help'], ['eval', '--help'], ['sweep', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, args\n"
+        "print('llama_cpp' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"

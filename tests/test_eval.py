@@ -26,6 +26,7 @@ from conftest import open_model
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.data
 @pytest.mark.parametrize(
     "task, n, choices",
     [
@@ -46,12 +47,14 @@ def test_task_counts(task, n, choices):
     assert all(0 <= it.gold < len(it.requests()) for it in items)
 
 
+@pytest.mark.data
 def test_mmlu_has_57_subjects_and_1531_questions():
     tasks = resolve_tasks("mmlu")
     assert len(tasks) == 57
     assert sum(len(t.items(shots=0)) for t in tasks) == 1531
 
 
+@pytest.mark.data
 def test_known_items_render_exactly():
     arc = TASKS["arc_easy"].items(shots=0)[0]
     assert arc.requests()[0] == (
@@ -80,6 +83,7 @@ def test_known_items_render_exactly():
     assert [c for _, c in boolq.requests()] == [" no", " yes"] and boolq.gold == 0
 
 
+@pytest.mark.data
 def test_fewshot_is_deterministic_and_excludes_the_item():
     a = TASKS["winogrande"].items(shots=5, limit=20)
     b = TASKS["winogrande"].items(shots=5, limit=20)
@@ -96,6 +100,7 @@ def _logsoftmax(x: np.ndarray) -> np.ndarray:
     return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
 
 
+@pytest.mark.data
 def test_scoring_matches_brute_force(tiny_models):
     path = str(tiny_models["llama"][2])
     items = TASKS["arc_easy"].items(shots=1, limit=6) + TASKS["winogrande"].items(shots=1, limit=4)
@@ -138,6 +143,7 @@ def test_statistics_on_known_inputs():
     assert c.p_value == pytest.approx(2 / 2**20)
 
 
+@pytest.mark.data
 def test_store_never_scores_twice(tiny_models, tmp_path):
     path = str(tiny_models["qwen3"][2])
     store = Store(tmp_path / "r.sqlite")
@@ -153,6 +159,7 @@ def test_store_never_scores_twice(tiny_models, tmp_path):
     assert store.db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 10
 
 
+@pytest.mark.data
 def test_killed_run_resumes(tiny_models, tmp_path):
     db = tmp_path / "r.sqlite"
     args = [
@@ -197,6 +204,7 @@ def test_killed_run_resumes(tiny_models, tmp_path):
     assert "arc_easy" in done.stdout and f"{fresh[0]['plan']['acc']:.4f}" in done.stdout
 
 
+@pytest.mark.data
 def test_sweep_writes_heatmap_and_csv(tiny_models, tmp_path):
     res = CliRunner().invoke(
         main,

