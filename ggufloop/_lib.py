@@ -104,3 +104,18 @@ def check(status: int) -> None:
     """Raise BackendError with llama.cpp's reason when a ggufloop C call refused."""
     if status != 0:
         raise BackendError(last_error() or "refused by the backend")
+
+
+_log_sink = None
+
+
+def quiet_logs() -> None:
+    """Drop llama.cpp's log lines (its refusals reach users through exceptions instead)."""
+    global _log_sink
+
+    @_llama.llama_log_callback
+    def sink(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        pass
+
+    _log_sink = sink  # the C side keeps only a pointer
+    _llama.llama_log_set(sink, ctypes.c_void_p(0))

@@ -33,3 +33,7 @@ class BackendError(UserError, RuntimeError):
 
 class StoreError(UserError, RuntimeError):
     """The results database cannot be used (not SQLite, damaged, another schema, read-only)."""
+
+
+class OptionError(UserError, ValueError):
+    """An option whose value does not fit the model or the machine (a context larger than either)."""

@@ -17,7 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .errors import ModelFileError
+from .errors import ModelFileError, OptionError
 from .plan import LoopPlan, PlanError
 
 DROP = object()  # returned by an edit function to leave a field out
@@ -81,6 +81,12 @@ class ModelInfo:
     size_bytes: int
     has_chat_template: bool
     stored_plan: LoopPlan
+    context_length: int = 0  # trained context, 0 when the file does not say
+    kv_width: int = 0  # keys' (and values') width per layer and token: heads_kv * head size
+
+    def kv_bytes(self, n_ctx: int, depth: int | None = None, bytes_per_value: int = 2) -> int:
+        """KV cache size of a context of n_ctx tokens over depth (virtual) layers, F16 by default."""
+        return 2 * (depth or self.n_layer) * n_ctx * (self.kv_width or self.n_embd) * bytes_per_value
 
     @property
     def loop_supported(self) -> bool:
@@ -109,7 +115,22 @@ def model_info(path: str | os.PathLike) -> ModelInfo:
         size_bytes=path.stat().st_size,
         has_chat_template="tokenizer.chat_template" in meta,
         stored_plan=stored,
+        context_length=_int(meta.get(f"{arch}.context_length")),
+        kv_width=_kv_width(meta, arch),
     )
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else 0
+
+
+def _kv_width(meta: dict[str, Any], arch: str) -> int:
+    heads = _int(meta.get(f"{arch}.attention.head_count"))
+    heads_kv = _int(meta.get(f"{arch}.attention.head_count_kv")) or heads
+    head = _int(meta.get(f"{arch}.attention.key_length")) or (
+        _int(meta.get(f"{arch}.embedding_length")) // heads if heads else 0
+    )
+    return heads_kv * head
 
 
 @dataclass
@@ -163,11 +184,11 @@ def rewrite_gguf(
     dst = Path(dst)
     src = Path(reader.data.filename) if hasattr(reader.data, "filename") else None
     if src is not None and dst.exists() and os.path.samefile(src, dst):
-        raise PlanError(f"the output {dst} is the model itself (the same file): write a new file")
+        raise OptionError(f"the output {dst} is the model itself (the same file): write a new file")
     if dst.is_dir():
-        raise PlanError(f"the output {dst} is a folder: give a file name")
-    if not os.access(dst.parent if str(dst.parent) else Path("."), os.W_OK):
-        raise PlanError(f"cannot write to {dst.parent}: permission denied")
+        raise OptionError(f"the output {dst} is a folder: give a file name")
+    if not dst.resolve().parent.is_dir() or not os.access(dst.resolve().parent, os.W_OK):
+        raise OptionError(f"cannot write {dst}: its folder does not exist or is not writable")
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         _write(reader, tmp, edit, add, tensors)

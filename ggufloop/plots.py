@@ -40,8 +40,16 @@ def save(fig, path: str | Path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
-def heatmap(grid: dict[tuple[int, int], float], base: float, n_layer: int, title: str, path: Path) -> None:
-    """Accuracy per (start, last layer) with the baseline marked on the colour bar and the best cells labelled."""
+def heatmap(
+    grid: dict[tuple[int, int], float],
+    base: float,
+    n_layer: int,
+    title: str,
+    path: Path,
+    significant: set[tuple[int, int]] = frozenset(),
+) -> None:
+    """Accuracy per (start, last layer) with the baseline marked on the colour bar, the best cells
+    labelled, and the cells in ``significant`` outlined (they differ from the baseline)."""
     from matplotlib.colors import TwoSlopeNorm
 
     m = np.full((n_layer, n_layer), np.nan)
@@ -57,6 +65,12 @@ def heatmap(grid: dict[tuple[int, int], float], base: float, n_layer: int, title
     cbar.ax.text(1.05, base, " baseline", transform=cbar.ax.get_yaxis_transform(), va="center", fontsize=8)
     for (s, e), acc in sorted(grid.items(), key=lambda kv: -kv[1])[:5]:
         ax.text(e - 1, s, f"{acc:.3f}", ha="center", va="center", fontsize=7, color="k", fontweight="bold")
+    from matplotlib.patches import Rectangle
+
+    for s, e in significant:
+        ax.add_patch(Rectangle((e - 1.5, s - 0.5), 1, 1, fill=False, edgecolor="k", linewidth=1.5))
+    if significant:
+        title += "\noutlined: differs from the baseline (Holm-adjusted McNemar p < 0.05)"
     ax.set_xlabel("last layer of the block (e - 1)")
     ax.set_ylabel("first layer of the block (s)")
     ax.set_title(title, fontsize=10)

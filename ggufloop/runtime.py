@@ -8,16 +8,17 @@ so no module reaches into Llama's private attributes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp import _internals
 
 from . import _lib
-from .gguf_io import check_gguf
+from .errors import BackendError
+from .gguf_io import metadata, open_gguf
 from .plan import LoopPlan, Mix
 
 # (token, position, sequence, wants logits)
@@ -33,13 +34,14 @@ class LoopedLlama(llama_cpp.Llama):
 
     def __init__(self, model_path: str, *, loop: LoopPlan | str | None = None, **kwargs: Any) -> None:
         _lib.require_patched()
-        check_gguf(model_path)
+        broken = broken_chat_templates(metadata(open_gguf(model_path)))
         overrides = dict(kwargs.pop("kv_overrides", None) or {})
         if loop is not None:
             overrides.update(LoopPlan.parse(loop).kv_overrides())
         kwargs.setdefault("verbose", False)
         try:
-            super().__init__(model_path, kv_overrides=overrides or None, **kwargs)
+            with _tolerate_broken_templates(broken):
+                super().__init__(model_path, kv_overrides=overrides or None, **kwargs)
         except ValueError as err:
             reason = _lib.last_error()
             if reason:
@@ -94,38 +96,92 @@ class LoopedLlama(llama_cpp.Llama):
     # -- changing the plan ------------------------------------------------------------------
 
     def set_loop(self, loop: LoopPlan | str | None) -> None:
-        """Run another plan. A new layer schedule recreates the context (its KV cache is lost);
-        a new mix on the same layers only clears the cache."""
+        """Run another plan. A new layer schedule gives the context a fresh KV cache; a new mix on the
+        same layers only clears the cache.
+
+        The plan is checked against the model before anything is torn down, so a refused plan leaves
+        plan, mix and cache exactly as they were. Refused while a generation is streaming: finish or
+        close the stream first."""
         plan = LoopPlan.parse(loop)
+        self._check_idle()
         current = self.plan
-        if (plan.start, plan.end, plan.count, plan.ranges) != (
+        if (plan.start, plan.end, plan.count, plan.ranges) == (
             current.start,
             current.end,
             current.count,
             current.ranges,
         ):
-            self._ctx.close()
-            try:
-                if plan.ranges:
-                    _lib.check(
-                        _lib.llama_model_set_layer_schedule(
-                            self.model, ",".join(f"{a}:{b}" for a, b in plan.ranges).encode()
-                        )
-                    )
-                elif plan.start or plan.end:
-                    _lib.check(_lib.llama_model_set_loop(self.model, plan.start, plan.end, plan.count))
-                else:
-                    _lib.check(_lib.llama_model_set_layer_schedule(self.model, b""))
-            finally:
-                self._ctx = _internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)
+            self.set_mix(plan.mix)
+            return
+        plan.validate(self.n_layer_phys)
+        arch = str(self.metadata.get("general.architecture", "unknown"))
+        if plan.is_looped and arch not in _lib.supported_archs():
+            raise _lib.BackendError(
+                f"architecture '{arch}' does not support layer schedules "
+                f"(supported: {', '.join(_lib.supported_archs())})"
+            )
+        # the backend changes a schedule only while no context exists: free the native context, keep its wrapper
+        llama_cpp.llama_free(self._ctx.ctx)
+        self._ctx.ctx = None
+        try:
+            if plan.ranges:
+                status = _lib.llama_model_set_layer_schedule(
+                    self.model, ",".join(f"{a}:{b}" for a, b in plan.ranges).encode()
+                )
+            elif plan.start or plan.end:
+                status = _lib.llama_model_set_loop(self.model, plan.start, plan.end, plan.count)
+            else:
+                status = _lib.llama_model_set_layer_schedule(self.model, b"")
+        finally:
+            self._new_native_context()
+        if status != 0:
+            self.set_mix(current.mix)  # the backend kept the old schedule; the cache is lost with the context
+            _lib.check(status)
         self.set_mix(plan.mix)
 
+    def _new_native_context(self) -> None:
+        ctx = llama_cpp.llama_init_from_model(self.model, self.context_params)
+        if ctx is None:
+            raise _lib.BackendError("llama.cpp could not create a context for the new plan")
+        self._ctx.ctx, self._ctx.memory = ctx, llama_cpp.llama_get_memory(ctx)
+        self.n_tokens = 0
+
     def set_mix(self, mix: Mix | str) -> None:
-        """Mix the passes of the current plan another way; clears the KV cache."""
+        """Mix the passes of the current plan another way; clears the KV cache. A refused mix leaves
+        the mix and the cache as they were."""
         mix = Mix.parse(mix) if isinstance(mix, str) else mix
+        self._check_idle()
         _set_backend_mix(self.ctx, mix)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         self.n_tokens = 0
+
+    def _check_idle(self) -> None:
+        if self._streaming:
+            raise _lib.BackendError("a generation is streaming: finish or close its stream before changing the plan")
+
+    # -- generation -------------------------------------------------------------------------
+
+    _streaming = 0
+
+    def generate(self, *args: Any, **kwargs: Any) -> Iterator[int]:
+        """Llama.generate, counted: the plan cannot change under a stream that is being read."""
+        self._streaming += 1
+        try:
+            yield from super().generate(*args, **kwargs)
+        finally:
+            self._streaming -= 1
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Llama.eval, with a check that the model's answer is a number: non-finite logits (a damaged
+        file, an overflowing computation) are an error, never an empty or arbitrary answer."""
+        super().eval(tokens)
+        if len(tokens):
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab(),))
+            if not np.isfinite(row).all():
+                raise _lib.BackendError(
+                    "the model produced non-finite logits (NaN or infinity): its weights or "
+                    "hyper-parameters are damaged, or the plan's computation overflows"
+                )
 
     # -- side contexts ----------------------------------------------------------------------
 
@@ -251,6 +307,53 @@ class SideContext:
         tokens = list(tokens)
         self.decode([(tok, i, 0, True) for i, tok in enumerate(tokens)])
         return self.all_logits(len(tokens))
+
+
+def broken_chat_templates(meta: dict[str, Any]) -> dict[str, str]:
+    """Chat templates in a file's metadata that jinja2 cannot compile: key -> the reason."""
+    from llama_cpp import llama_chat_format
+
+    out = {}
+    for key, template in meta.items():
+        if key.startswith("tokenizer.chat_template") and isinstance(template, str):
+            try:
+                llama_chat_format.Jinja2ChatFormatter(template, eos_token="", bos_token="")
+            except Exception as err:  # jinja2 raises several types for a broken template
+                out[key] = f"{type(err).__name__}: {err}"
+    return out
+
+
+@contextlib.contextmanager
+def _tolerate_broken_templates(broken: dict[str, str]) -> Iterator[None]:
+    """While Llama loads a file whose chat template does not compile, let it load (completions need
+    no template) and give chat requests a one-line error instead. Llama compiles every template of
+    the file while it loads, so its formatter class is swapped for a tolerant one for that time."""
+    if not broken:
+        yield
+        return
+    from llama_cpp import llama_chat_format
+
+    plain = llama_chat_format.Jinja2ChatFormatter
+    reason = "; ".join(f"{k}: {v}" for k, v in broken.items())
+
+    class Tolerant(plain):
+        def __init__(self, template: str, *args: Any, **kwargs: Any) -> None:
+            try:
+                super().__init__(template, *args, **kwargs)
+                self.error = None
+            except Exception:
+                self.template, self.error = template, f"the model's chat template is broken ({reason})"
+
+        def __call__(self, **kwargs: Any) -> Any:
+            if self.error:
+                raise BackendError(self.error)
+            return super().__call__(**kwargs)
+
+    llama_chat_format.Jinja2ChatFormatter = Tolerant
+    try:
+        yield
+    finally:
+        llama_chat_format.Jinja2ChatFormatter = plain
 
 
 def _set_backend_mix(ctx: Any, mix: Mix) -> None:

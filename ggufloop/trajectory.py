@@ -17,6 +17,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from .errors import OptionError
 from .gguf_io import read_head
 from .numeric import log_softmax
 from .plan import LoopPlan, Mix
@@ -151,6 +152,10 @@ def trace_runs(model: Path, prompt: str, plan: LoopPlan, mixes: list[str], threa
     llm = LoopedLlama(str(model), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     head = load_head(model)
     tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+    trained = llama_cpp.llama_model_n_ctx_train(llm.model)
+    if len(tokens) > trained:
+        llm.close()
+        raise OptionError(f"the prompt has {len(tokens)} tokens, more than the model's context of {trained}")
 
     def detok(t: int) -> str:
         return llm.detokenize([t]).decode("utf-8", "replace")

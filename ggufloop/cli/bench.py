@@ -8,11 +8,11 @@ import platform
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import click
 
-from .options import quiet_llama_logs
+from ..plan import LoopPlan
+from .options import parse_counts, quiet_llama_logs, writable_dir
 
 
 @click.command("bench")
@@ -46,11 +46,10 @@ def command(
     stock = not no_stock
     if stock and not STOCK_PYTHON.exists():
         raise FileNotFoundError("the stock build is missing: run `make stock`, or pass --no-stock")
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_dir(output)
     work = ROOT / "build" / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    ks = tuple(int(k) for k in counts.split(","))
+    ks = parse_counts(counts)
     meta = {
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
@@ -66,7 +65,12 @@ def command(
     for name in models or tuple(CATALOG):
         path = resolve(name)
         n_layer = model_info(path).n_layer
-        s, e = (int(x) for x in block.split(":")) if block else (n_layer // 3, n_layer // 3 + max(1, n_layer // 6))
+        if block:
+            blk = LoopPlan.parse(f"{block}x2")
+            blk.validate(n_layer)
+            s, e = blk.start, blk.end
+        else:
+            s, e = n_layer // 3, n_layer // 3 + max(1, n_layer // 6)
         vs = variants(path, s, e, ks, stock, work)
         results = {v.name: Result(v.name) for v in vs}
         with click.progressbar(length=repeats * len(vs), label=f"{path.stem}", file=sys.stderr) as bar:

@@ -18,11 +18,12 @@ def command(model: str, tasks: str, limit: int, threads: int) -> None:
     "scored tokens" counts every choice's full token sequence, as the naive method evaluates them.
     """
     from ..benchmark import scoring_speed
+    from ..eval.tasks import resolve_tasks
     from ..models import resolve
 
     quiet_llama_logs()
     path = resolve(model)
-    rows = [scoring_speed(path, t.strip(), limit, threads) for t in tasks.split(",")]
+    rows = [scoring_speed(path, t.name, limit, threads) for t in resolve_tasks(tasks)]
     cols = list(rows[0])
     click.echo(f"{path.stem}, {threads} threads\n\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:

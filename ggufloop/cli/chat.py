@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import click
@@ -14,19 +15,50 @@ HELP = "commands: /loop PLAN (e.g. /loop 12:16x2 keeps the mix, /loop none), /mi
 
 
 def stream_reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str:
-    """Stream the assistant's answer to stdout and return it."""
+    """Stream the assistant's answer to stdout and return it; an answer that reaches the end of the
+    context stops there, with a notice."""
     t0, n, parts = time.perf_counter(), 0, []
-    for chunk in llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=temp, stream=True):
-        choice = chunk["choices"][0]
-        text = choice["delta"].get("content") or ""
-        if text:
-            click.echo(text, nl=False)
-            parts.append(text)
-            n += 1
+    stream = llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=temp, stream=True)
+    try:
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            text = choice["delta"].get("content") or ""
+            if text:
+                click.echo(text, nl=False)
+                parts.append(text)
+                n += 1
+    except RuntimeError as err:  # llama.cpp found no room in the KV cache for the next token
+        if "llama_decode returned 1" not in str(err) or not parts:
+            raise
+        click.secho(" (the answer reached the end of the context)", fg="yellow", err=True)
+    finally:
+        stream.close()
     secs = time.perf_counter() - t0
     click.echo()
     click.secho(f"[{n} tokens, {n / secs:.1f} tok/s, {describe(llm)}]", fg="cyan", err=True)
     return "".join(parts)
+
+
+def reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str | None:
+    """Answer the last user message; when the conversation outgrows the context, drop the oldest
+    exchanges (with a notice) until it fits; a message that alone does not fit is refused (None)."""
+    while True:
+        try:
+            return stream_reply(llm, messages, max_tokens, temp)
+        except ValueError as err:
+            if "exceed context window" not in str(err):
+                raise
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:  # only the new message left
+            messages.pop()
+            click.echo(
+                f"error: this message does not fit in the context of {llm.n_ctx()} tokens "
+                "(shorten it, or start the chat with a larger --ctx-size)"
+            )
+            return None
+        dropped = messages[first : first + 2]
+        del messages[first : first + 2]
+        click.secho(f"(context full: the oldest exchange was dropped, {len(dropped)} messages)", fg="yellow", err=True)
 
 
 def handle_command(llm, line: str, messages: list[dict]) -> bool:
@@ -66,6 +98,8 @@ def command(model: str | None, max_tokens: int, temp: float, system: str | None,
 
     Type a message and press Enter; /loop, /mix, /reset and /quit change the session.
     """
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     llm = load(model, **opts)
     click.echo(f"ggufloop chat: {describe(llm)}. {HELP}")
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -82,5 +116,7 @@ def command(model: str | None, max_tokens: int, temp: float, system: str | None,
                 break
             continue
         messages.append({"role": "user", "content": line})
-        messages.append({"role": "assistant", "content": stream_reply(llm, messages, max_tokens, temp)})
+        answer = reply(llm, messages, max_tokens, temp)
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
     llm.close()

@@ -5,21 +5,26 @@ llama.cpp's log handling. Nothing here loads llama.cpp until a command runs a mo
 
 from __future__ import annotations
 
-import ctypes
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..errors import OptionError
+from ..plan import MIXES as PLAN_MIXES
 from ..plan import LoopPlan, Mix
 
 if TYPE_CHECKING:
+    from ..gguf_io import ModelInfo
     from ..runtime import LoopedLlama
 
 LOOP_HELP = (
     "Loop plan, e.g. 10:15x3 (layers 10..14, 3 passes in total), 10:15x3/uniform (with its mix) or "
     "0:20,10:30 (a general schedule)."
 )
+DEFAULT_CTX = 2048
 MIX_HELP = "How passes are mixed: none, uniform, ema[:beta], autoalign[:T], noise[:seed]."
 
 
@@ -52,6 +57,49 @@ def plan_from(loop: str | None, mix: str | None, stored: LoopPlan | None = None)
     return plan.with_mix(Mix.parse(mix)) if mix is not None else plan
 
 
+def parse_mixes(text: str) -> tuple[str, ...]:
+    """``none,uniform,ema:0.3`` -> the mixes, each checked."""
+    mixes = tuple(str(Mix.parse(m)) for m in text.split(",") if m.strip())
+    if not mixes:
+        raise OptionError(f"no mix given: expected a comma-separated list of {', '.join(PLAN_MIXES)}")
+    return mixes
+
+
+def parse_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise OptionError(f"bad counts {text!r}: expected comma-separated integers such as 2,3,4") from None
+    if not counts:
+        raise OptionError("no count given")
+    return counts
+
+
+def writable_dir(path: str | Path) -> Path:
+    """path as an output folder, created if needed; checked before any work starts."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OptionError(f"cannot create the output folder {out}: {err.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise OptionError(f"cannot write to the output folder {out}: permission denied")
+    return out
+
+
+def writable_file(path: str | Path) -> Path:
+    """path as an output file whose folder exists and is writable; checked before any work starts."""
+    out = Path(path)
+    if out.is_dir():
+        raise OptionError(f"{out} is a folder: give a file name")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise OptionError(f"the folder of {out} does not exist")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise OptionError(f"cannot write {out}: permission denied")
+    return out
+
+
 def runtime_options(fn: Callable) -> Callable:
     """Options shared by every command that runs a model (the plan options included)."""
     options = [
@@ -59,7 +107,12 @@ def runtime_options(fn: Callable) -> Callable:
             "--threads", "-t", type=click.IntRange(1), default=None, help="CPU threads (default: llama.cpp's choice)."
         ),
         click.option(
-            "--ctx-size", "-c", type=click.IntRange(16), default=2048, show_default=True, help="Context size in tokens."
+            "--ctx-size",
+            "-c",
+            type=click.IntRange(16, 2**31 - 1),
+            default=None,
+            help="Context size in tokens, at most the model's trained context (default: 2048, or the trained "
+            "context when it is smaller).",
         ),
         click.option(
             "--n-gpu-layers",
@@ -77,20 +130,11 @@ def runtime_options(fn: Callable) -> Callable:
     return plan_options()(fn)
 
 
-_llama_log_sink = None
-
-
 def quiet_llama_logs() -> None:
     """Drop llama.cpp's informational log lines; errors reach users through exceptions instead."""
-    global _llama_log_sink
-    import llama_cpp
+    from .._lib import quiet_logs
 
-    @llama_cpp.llama_log_callback
-    def sink(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        pass
-
-    _llama_log_sink = sink
-    llama_cpp.llama_log_set(sink, ctypes.c_void_p(0))
+    quiet_logs()
 
 
 def load(
@@ -98,7 +142,7 @@ def load(
     loop: str | None,
     mix: str | None,
     threads: int | None,
-    ctx_size: int,
+    ctx_size: int | None,
     n_gpu_layers: int,
     seed: int,
     verbose: bool,
@@ -112,8 +156,11 @@ def load(
     if not verbose:
         quiet_llama_logs()
     path = resolve(model)
-    stored = model_info(path).stored_plan if loop is None and mix is not None else None
-    plan = plan_from(loop, mix, stored)
+    info = model_info(path)
+    plan = plan_from(loop, mix, info.stored_plan if loop is None and mix is not None else None)
+    if ctx_size is None:
+        ctx_size = min(DEFAULT_CTX, info.context_length or DEFAULT_CTX)
+    check_context(info, ctx_size, (plan or info.stored_plan).virtual_depth(info.n_layer))
     return LoopedLlama(
         str(path),
         loop=plan,
@@ -124,6 +171,25 @@ def load(
         verbose=verbose,
         **extra,
     )
+
+
+def check_context(info: ModelInfo, n_ctx: int, depth: int) -> None:
+    """Refuse a context larger than the model's trained context, or whose KV cache would not fit in memory."""
+    if info.context_length and n_ctx > info.context_length:
+        raise OptionError(
+            f"--ctx-size {n_ctx} is larger than the context {info.path.name} was trained on "
+            f"({info.context_length} tokens)"
+        )
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = info.kv_bytes(n_ctx, depth)
+    if need > memory:
+        raise OptionError(
+            f"--ctx-size {n_ctx} needs a KV cache of {need / 2**30:.1f} GiB at virtual depth {depth}, "
+            f"more than this machine's {memory / 2**30:.1f} GiB of memory"
+        )
 
 
 def describe(llm: LoopedLlama) -> str:

@@ -14,7 +14,7 @@ def command(db: str) -> None:
     from ..eval.store import Store
 
     store = Store(db)
-    click.echo("| model | task | shots | plan | n | acc | acc_norm |\n|---|---|---|---|---|---|---|")
-    for name, task, shots, plan, n, acc, acc_norm in store.summary():
-        click.echo(f"| {name} | {task} | {shots} | {plan} | {n} | {acc:.4f} | {acc_norm:.4f} |")
+    click.echo("| model | task | shots | prompt | plan | n | acc | acc_norm |\n|---|---|---|---|---|---|---|---|")
+    for name, task, shots, prompt, plan, n, acc, acc_norm in store.summary():
+        click.echo(f"| {name} | {task} | {shots} | {prompt} | {plan} | {n} | {acc:.4f} | {acc_norm:.4f} |")
     store.close()

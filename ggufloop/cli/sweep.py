@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import TaskError
-from ..eval.store import DEFAULT_DB, Store
+from ..errors import PlanError, TaskError
+from ..eval.store import DEFAULT_DB, Store, Unit
 from ..plan import LoopPlan, Mix
 
 
@@ -50,7 +51,7 @@ def command(
 ) -> None:
     """Score every block range of MODEL at COUNT passes on one task; heatmap and CSV."""
     from .. import plots
-    from ..eval.sweep import block_ranges
+    from ..eval.sweep import block_ranges, cells
     from ..eval.tasks import TASKS
     from ..gguf_io import model_info
     from ..models import resolve
@@ -61,73 +62,101 @@ def command(
     n_layer = model_info(path).n_layer
     mixed = Mix.parse(mix)
     ranges = block_ranges(n_layer, starts, sizes)
-    plans = ["none"] + [str(LoopPlan(s, e, count, mix=mixed)) for s, e in ranges]
-    n_items = len(TASKS[task].items(shots, limit))
-    shots_used = TASKS[task].default_shots if shots is None else shots
+    if not ranges:
+        raise PlanError(f"no block in the windows --starts {starts} --sizes {sizes} of a {n_layer}-layer model")
+    block_plans = {(s, e): str(LoopPlan(s, e, count, mix=mixed)) for s, e in ranges}
+    plans = ["none", *block_plans.values()]
+    the_task = TASKS[task]
+    items = the_task.items(shots, limit)
+    shots_used = the_task.default_shots if shots is None else shots
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
     store = Store(db)
+    store.check_writable()
     sha = store.model_sha(path)
+    units = [Unit(sha, task, shots_used, the_task.prompt_key(), p) for p in plans]
     per_job = max(1, (threads or os.cpu_count() or 1) // jobs)
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ggufloop.eval.sweep",
-                json.dumps(
-                    {
-                        "model": str(path),
-                        "plans": plans[j::jobs],
-                        "task": task,
-                        "shots": shots,
-                        "limit": limit,
-                        "db": db,
-                        "threads": per_job,
-                    }
-                ),
-            ]
-        )
+    specs = [
+        {
+            "model": str(path),
+            "plans": plans[j::jobs],
+            "task": task,
+            "shots": shots,
+            "limit": limit,
+            "db": db,
+            "threads": per_job,
+            "parent": os.getpid(),
+        }
         for j in range(jobs)
     ]
-
-    def scored() -> int:
-        return sum(len(store.done(sha, task, shots_used, p)) for p in plans)
-
-    with click.progressbar(
-        length=len(plans) * n_items, label=f"{len(plans)} plans x {n_items} items", file=sys.stderr, show_eta=True
-    ) as bar:
-        last = scored()
-        bar.update(last)
-        while any(w.poll() is None for w in workers):
-            time.sleep(2)
-            now = scored()
-            bar.update(now - last)
-            last = now
+    workers = [subprocess.Popen([sys.executable, "-m", "ggufloop.eval.sweep", json.dumps(spec)]) for spec in specs]
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers are stopped below
+    try:
+        with click.progressbar(
+            length=len(plans) * len(items),
+            label=f"{len(plans)} plans x {len(items)} items",
+            file=sys.stderr,
+            show_eta=True,
+        ) as bar:
+            last = 0
+            while True:
+                running = any(w.poll() is None for w in workers)
+                now = sum(len(store.done(u)) for u in units)
+                bar.update(now - last)
+                last = now
+                if not running:
+                    break
+                time.sleep(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()
+        for w in workers:
+            w.wait()
     if any(w.returncode for w in workers):
         raise TaskError("a sweep worker failed; run the same command again to resume")
 
-    ids = {it.id for it in TASKS[task].items(shots, limit)}
-    acc = {}
-    for plan in plans:
-        rows = store.rows(sha, task, shots_used, plan)
-        acc[plan] = sum(rows[i][0] for i in ids) / len(ids)
+    ids = [it.id for it in items]
+    grid = cells(store, sha, task, shots_used, the_task.prompt_key(), block_plans, ids)
     store.close()
-    base = acc["none"]
-    grid = {(s, e): acc[p] for (s, e), p in zip(ranges, plans[1:])}
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    base = grid[0].base_acc
     stem = f"sweep-{path.stem}-{task}-x{count}-{mixed}".replace(":", "_")
     with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["start", "end", "count", "mix", "n", "acc", "baseline"])
-        for (s, e), a in grid.items():
-            w.writerow([s, e, count, str(mixed), len(ids), f"{a:.4f}", f"{base:.4f}"])
+        w.writerow(
+            ["start", "end", "count", "mix", "n", "acc", "baseline", "diff", "ci_low", "ci_high", "p_mcnemar", "p_holm"]
+        )
+        for c in grid:
+            w.writerow(
+                [
+                    c.start,
+                    c.end,
+                    count,
+                    str(mixed),
+                    c.n,
+                    f"{c.acc:.4f}",
+                    f"{c.base_acc:.4f}",
+                    f"{c.diff:+.4f}",
+                    f"{c.ci_low:+.4f}",
+                    f"{c.ci_high:+.4f}",
+                    f"{c.p:.4g}",
+                    f"{c.p_holm:.4g}",
+                ]
+            )
     plots.heatmap(
-        grid,
+        {(c.start, c.end): c.acc for c in grid},
         base,
         n_layer,
         f"{path.stem}, {task} ({len(ids)} items, {shots_used}-shot), K={count}, mix {mixed}",
         out / f"{stem}.png",
+        significant={(c.start, c.end) for c in grid if c.p_holm < 0.05},
     )
-    best = sorted(grid.items(), key=lambda kv: -kv[1])[:5]
-    click.echo(f"baseline {base:.4f}; best blocks: " + ", ".join(f"{s}:{e} {a:.4f}" for (s, e), a in best))
+    best = sorted(grid, key=lambda c: -c.acc)[:5]
+    click.echo(
+        f"baseline {base:.4f}; best blocks: "
+        + ", ".join(f"{c.start}:{c.end} {c.acc:.4f} ({c.diff:+.4f}, p_holm {c.p_holm:.2g})" for c in best)
+    )
+    n_sig = sum(c.p_holm < 0.05 for c in grid)
+    click.echo(f"{n_sig} of {len(grid)} blocks differ from the unlooped model (Holm-adjusted McNemar p < 0.05)")
     click.echo(f"wrote {out / stem}.csv and .png", err=True)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from .options import plan_from, plan_options, quiet_llama_logs
+from .options import plan_from, plan_options, quiet_llama_logs, writable_dir
 
 
 @click.command("trace")
@@ -32,10 +31,11 @@ def command(
     if plan.ranges or not plan.end:
         raise click.BadParameter("trace takes a block plan START:ENDxCOUNT", param_hint="--loop")
     mixes = list(dict.fromkeys([str(plan.mix)] + [m.strip() for m in (compare or "").split(",") if m.strip()]))
+    for m in mixes:
+        plan.with_mix(m)  # every mix checked before any work
+    out = writable_dir(output)
     path = resolve(model)
     data = trace_runs(path, prompt, plan, mixes, threads)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"trace-{path.stem}-{plan.start}_{plan.end}x{plan.count}"
     (out / f"{stem}.json").write_text(json.dumps(data))
     plots.trace_curves(data, plan, out / f"{stem}-curves.png")

@@ -9,8 +9,8 @@ from pathlib import Path
 from ..plan import LoopPlan
 from .scoring import Scorer, accuracy
 from .stats import Comparison, compare
-from .store import Row, Store
-from .tasks import Task
+from .store import Row, Store, Unit
+from .tasks import FewshotPool, Task
 
 
 @dataclass(frozen=True)
@@ -37,27 +37,29 @@ def run_unit(
     limit: int | None,
     progress: Callable[[int], None] | None = None,
     batch_items: int = 16,
+    ids: list[str] | None = None,
+    pool: FewshotPool | None = None,
 ) -> dict[str, tuple[int, int]]:
-    """Score one (plan, task) unit, skipping what the store has; returns item -> (correct, correct_norm)."""
+    """Score one (plan, task) unit, skipping what the store has; returns item -> (correct, correct_norm).
+
+    ``ids`` restricts the unit to those items (in that order); ``pool`` restricts where few-shot
+    examples come from (see Task.items)."""
     shots = task.default_shots if shots is None else shots
-    items = task.items(shots, limit)
-    plan = str(scorer.plan)
-    done = store.done(model_sha, task.name, shots, plan)
+    items = task.items(shots, limit, pool=pool)
+    if ids is not None:
+        by_id = {it.id: it for it in items}
+        items = [by_id[i] for i in ids]
+    unit = Unit(model_sha, task.name, shots, task.prompt_key(pool), str(scorer.plan))
+    done = store.done(unit)
     todo = [it for it in items if it.id not in done]
     if progress and len(items) > len(todo):
         progress(len(items) - len(todo))
     for chunk in _chunks(todo, batch_items):
         lls = scorer.score(chunk)
-        store.add(
-            model_sha,
-            task.name,
-            shots,
-            plan,
-            [Row(it.id, ll, it.gold, *accuracy(it, ll)) for it, ll in zip(chunk, lls)],
-        )
+        store.add(unit, [Row(it.id, ll, it.gold, *accuracy(it, ll)) for it, ll in zip(chunk, lls)])
         if progress:
             progress(len(chunk))
-    rows = store.rows(model_sha, task.name, shots, plan)
+    rows = store.rows(unit)
     return {it.id: rows[it.id] for it in items}
 
 
@@ -84,6 +86,7 @@ def evaluate(
 ) -> list[dict]:
     """Baseline and plan on every task: accuracies and the paired comparison of acc and acc_norm."""
     store = Store(db) if db else Store()
+    store.check_writable()
     sha = store.model_sha(model)
     plan = LoopPlan.parse(plan)
     scorer = Scorer(str(model), None, threads=threads)

@@ -16,8 +16,8 @@ class Comparison:
     diff: float
     ci_low: float
     ci_high: float
-    p_value: float      # exact McNemar
-    only_base: int      # items the baseline gets right and the plan wrong
+    p_value: float  # exact McNemar
+    only_base: int  # items the baseline gets right and the plan wrong
     only_plan: int
 
 
@@ -31,8 +31,8 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-_MAX_DISCRETE_VALUES = 64        # above this, resample items in chunks
-_CHUNK_ELEMENTS = 1 << 20        # item indices drawn at once on the chunked path (8 MB of int64)
+_MAX_DISCRETE_VALUES = 64  # above this, resample items in chunks
+_CHUNK_ELEMENTS = 1 << 20  # item indices drawn at once on the chunked path (8 MB of int64)
 
 
 def paired_bootstrap(base: np.ndarray, plan: np.ndarray, resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
@@ -64,7 +64,7 @@ def paired_bootstrap(base: np.ndarray, plan: np.ndarray, resamples: int = 10000,
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def holm(pvalues: "list[float] | np.ndarray") -> list[float]:
+def holm(pvalues: list[float] | np.ndarray) -> list[float]:
     """Holm's step-down adjusted p-values (family-wise error control), in the input order.
 
     The k-th smallest of m p-values becomes max over j <= k of (m - j + 1) * p_(j), capped at 1:
@@ -83,12 +83,21 @@ def holm(pvalues: "list[float] | np.ndarray") -> list[float]:
     return [float(x) for x in out]
 
 
-def compare(base: "list[int] | np.ndarray", plan: "list[int] | np.ndarray") -> Comparison:
+def compare(base: list[int] | np.ndarray, plan: list[int] | np.ndarray) -> Comparison:
     """Accuracy difference of plan over base, with its interval and p-value (same items, same order)."""
     b, p = np.asarray(base, dtype=bool), np.asarray(plan, dtype=bool)
     if len(b) != len(p) or len(b) == 0:
         raise ValueError("compare needs the same, non-empty set of items for both")
     lo, hi = paired_bootstrap(b, p)
     only_base, only_plan = int(np.sum(b & ~p)), int(np.sum(~b & p))
-    return Comparison(len(b), float(b.mean()), float(p.mean()), float(p.mean() - b.mean()), lo, hi,
-                      mcnemar_exact(only_base, only_plan), only_base, only_plan)
+    return Comparison(
+        len(b),
+        float(b.mean()),
+        float(p.mean()),
+        float(p.mean() - b.mean()),
+        lo,
+        hi,
+        mcnemar_exact(only_base, only_plan),
+        only_base,
+        only_plan,
+    )

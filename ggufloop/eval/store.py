@@ -1,7 +1,13 @@
 """The results store: every scored item, written to SQLite as it is scored.
 
 A run that stops (Ctrl-C, crash, power loss) loses at most the batch in flight and resumes where
-it stopped; a configuration (model, task, shots, plan with its mix) is never scored twice.
+it stopped; a configuration (model, task, shots, prompt format, plan with its mix) is never
+scored twice. The prompt format is part of the key, so an edited prompt template or another
+few-shot pool never reuses old rows.
+
+The store refuses, with one line, a file that is not SQLite, is damaged, or holds other tables
+than ggufloop's, and never writes into such a file. A read-only database can still be read;
+``check_writable`` says so before any scoring starts.
 """
 
 from __future__ import annotations
@@ -12,26 +18,31 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import StoreError
 from ..models import sha256_file
 
 DEFAULT_DB = Path(os.environ.get("GGUFLOOP_RESULTS", "results/ggufloop.sqlite"))
 
+SCHEMA_VERSION = 2  # PRAGMA user_version of a ggufloop database
+RESULTS_COLUMNS = ["model", "task", "shots", "prompt", "plan", "item", "lls", "gold", "correct", "correct_norm"]
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS results (
+CREATE TABLE results (
     model TEXT NOT NULL,      -- sha256 of the GGUF file
     task TEXT NOT NULL,
     shots INTEGER NOT NULL,
+    prompt TEXT NOT NULL,     -- the prompt format: template version and few-shot pool
     plan TEXT NOT NULL,       -- LoopPlan notation, mix and parameters included
     item TEXT NOT NULL,
     lls TEXT NOT NULL,        -- JSON list of log-likelihoods, one per choice
     gold INTEGER NOT NULL,
     correct INTEGER NOT NULL,
     correct_norm INTEGER NOT NULL,
-    PRIMARY KEY (model, task, shots, plan, item)
+    PRIMARY KEY (model, task, shots, prompt, plan, item)
 );
-CREATE TABLE IF NOT EXISTS models (path TEXT, size INTEGER, mtime REAL, sha256 TEXT, name TEXT,
-                                   PRIMARY KEY (path, size, mtime));
+CREATE TABLE models (path TEXT, size INTEGER, mtime REAL, sha256 TEXT, name TEXT, PRIMARY KEY (path, size, mtime));
 """
+# the first schema (no prompt column): its rows are kept, as prompt format "v1"
+V1_RESULTS_COLUMNS = ["model", "task", "shots", "plan", "item", "lls", "gold", "correct", "correct_norm"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +54,93 @@ class Row:
     correct_norm: bool
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One configuration whose items are scored: a model file (sha256), a task with its shots and
+    prompt format, and a plan."""
+
+    model: str
+    task: str
+    shots: int
+    prompt: str
+    plan: str
+
+    def key(self) -> tuple:
+        return (self.model, self.task, self.shots, self.prompt, self.plan)
+
+
 class Store:
     def __init__(self, path: str | Path = DEFAULT_DB) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")  # several worker processes write at once
-        self.db.executescript(SCHEMA)
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a folder, not a results database")
+        if not self.path.exists():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StoreError(f"cannot create {self.path.parent}: {err.strerror}") from None
+        try:
+            self.db = sqlite3.connect(str(self.path), timeout=60)
+            self._open()
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path} is not a usable results database ({err})") from None
+
+    def _open(self) -> None:
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if not tables:
+            if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK):
+                raise StoreError(f"cannot create a results database at {self.path}: it is not writable")
+            with self.db:
+                self.db.executescript(SCHEMA)
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif tables == {"results", "models"} and version == SCHEMA_VERSION:
+            self._expect_columns("results", RESULTS_COLUMNS)
+        elif tables == {"results", "models"} and version == 0 and self._columns("results") == V1_RESULTS_COLUMNS:
+            self._migrate_v1()
+        else:
+            raise StoreError(
+                f"{self.path} is not a ggufloop results database (it holds tables "
+                f"{', '.join(sorted(tables))}); give another --db"
+            )
+        if self.writable:
+            self.db.execute("PRAGMA journal_mode=WAL")  # several worker processes write at once
+        self.db.execute("SELECT COUNT(*) FROM results").fetchone()  # a damaged file fails here, not mid-run
+
+    def _columns(self, table: str) -> list[str]:
+        return [r[1] for r in self.db.execute(f"PRAGMA table_info({table})")]
+
+    def _expect_columns(self, table: str, columns: list[str]) -> None:
+        if self._columns(table) != columns:
+            raise StoreError(f"{self.path} has a '{table}' table of another schema; give another --db")
+
+    def _migrate_v1(self) -> None:
+        """Rows of the first schema get prompt format 'v1' (the templates they were scored with)."""
+        if not self.writable:
+            raise StoreError(f"{self.path} is from an older ggufloop and must be upgraded, but it is read-only")
+        with self.db:
+            self.db.execute("ALTER TABLE results RENAME TO results_v1")
+            self.db.executescript(SCHEMA.split("CREATE TABLE models")[0])
+            self.db.execute(
+                "INSERT INTO results SELECT model, task, shots, 'v1', plan, item, lls, gold, correct, "
+                "correct_norm FROM results_v1"
+            )
+            self.db.execute("DROP TABLE results_v1")
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def writable(self) -> bool:
+        return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+
+    def check_writable(self) -> None:
+        """Raise StoreError unless new rows can be written (call before scoring anything)."""
+        if not self.writable:
+            raise StoreError(f"the results database {self.path} is read-only: new results could not be saved")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("ROLLBACK")
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"cannot write to the results database {self.path}: {err}") from None
 
     def model_sha(self, path: str | Path) -> str:
         """sha256 of a model file, remembered by path, size and mtime."""
@@ -60,47 +152,53 @@ class Store:
         if row:
             return row[0]
         digest = sha256_file(p)
-        with self.db:
-            self.db.execute(
-                "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?)", (str(p), st.st_size, st.st_mtime, digest, p.stem)
-            )
+        if self.writable:
+            with self.db:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO models VALUES (?,?,?,?,?)",
+                    (str(p), st.st_size, st.st_mtime, digest, p.stem),
+                )
         return digest
 
-    def done(self, model: str, task: str, shots: int, plan: str) -> set[str]:
+    def done(self, unit: Unit) -> set[str]:
         return {
             r[0]
             for r in self.db.execute(
-                "SELECT item FROM results WHERE model=? AND task=? AND shots=? AND plan=?", (model, task, shots, plan)
+                "SELECT item FROM results WHERE model=? AND task=? AND shots=? AND prompt=? AND plan=?", unit.key()
             )
         }
 
-    def add(self, model: str, task: str, shots: int, plan: str, rows: list[Row]) -> None:
+    def add(self, unit: Unit, rows: list[Row]) -> None:
         """Commit one batch of scored items."""
-        with self.db:
-            self.db.executemany(
-                "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?)",
-                [
-                    (model, task, shots, plan, r.item, json.dumps(r.lls), r.gold, int(r.correct), int(r.correct_norm))
-                    for r in rows
-                ],
-            )
+        try:
+            with self.db:
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    [
+                        (*unit.key(), r.item, json.dumps(r.lls), r.gold, int(r.correct), int(r.correct_norm))
+                        for r in rows
+                    ],
+                )
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"cannot write to the results database {self.path}: {err}") from None
 
-    def rows(self, model: str, task: str, shots: int, plan: str) -> dict[str, tuple[int, int]]:
+    def rows(self, unit: Unit) -> dict[str, tuple[int, int]]:
         """item -> (correct, correct_norm)."""
         return {
             r[0]: (r[1], r[2])
             for r in self.db.execute(
-                "SELECT item, correct, correct_norm FROM results WHERE model=? AND task=? AND shots=? AND plan=?",
-                (model, task, shots, plan),
+                "SELECT item, correct, correct_norm FROM results"
+                " WHERE model=? AND task=? AND shots=? AND prompt=? AND plan=?",
+                unit.key(),
             )
         }
 
     def summary(self) -> list[tuple]:
-        """(model name, task, shots, plan, n, acc, acc_norm) for every configuration."""
+        """(model name, task, shots, prompt, plan, n, acc, acc_norm) for every configuration."""
         return self.db.execute(
             "SELECT COALESCE((SELECT name FROM models m WHERE m.sha256 = r.model LIMIT 1), substr(r.model, 1, 12)),"
-            " task, shots, plan, COUNT(*), AVG(correct), AVG(correct_norm) FROM results r"
-            " GROUP BY model, task, shots, plan ORDER BY 1, 2, 3, 4"
+            " task, shots, prompt, plan, COUNT(*), AVG(correct), AVG(correct_norm) FROM results r"
+            " GROUP BY model, task, shots, prompt, plan ORDER BY 1, 2, 3, 4, 5"
         ).fetchall()
 
     def close(self) -> None:

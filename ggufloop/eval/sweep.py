@@ -8,13 +8,18 @@ load; ``python -m ggufloop.eval.sweep SPEC`` is that worker).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
+import time
+from dataclasses import dataclass
 
 from ..errors import PlanError
 from ..plan import LoopPlan
 from .evaluate import run_unit
 from .scoring import Scorer
-from .store import Store
+from .stats import compare, holm
+from .store import Store, Unit
 from .tasks import TASKS
 
 
@@ -50,12 +55,56 @@ def run_units(
         store.close()
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One block of a sweep against the unlooped model on the same items."""
+
+    start: int
+    end: int
+    n: int
+    acc: float
+    base_acc: float
+    diff: float
+    ci_low: float
+    ci_high: float
+    p: float  # exact McNemar
+    p_holm: float  # Holm-adjusted over every cell of the sweep
+
+
+def cells(
+    store: Store, model_sha: str, task: str, shots: int, prompt: str, plans: dict[tuple[int, int], str], ids: list[str]
+) -> list[Cell]:
+    """Every block's paired comparison with the unlooped model on items ids, Holm-adjusted over the blocks."""
+    base = store.rows(Unit(model_sha, task, shots, prompt, "none"))
+    raw = []
+    for (s, e), plan in plans.items():
+        rows = store.rows(Unit(model_sha, task, shots, prompt, plan))
+        raw.append(((s, e), compare([base[i][0] for i in ids], [rows[i][0] for i in ids])))
+    adjusted = holm([c.p_value for _, c in raw]) if raw else []
+    return [
+        Cell(s, e, c.n, c.plan_acc, c.base_acc, c.diff, c.ci_low, c.ci_high, c.p_value, pa)
+        for ((s, e), c), pa in zip(raw, adjusted)
+    ]
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when the process that started it is gone (killed, interrupted), not hours later."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv: list[str]) -> None:
     """A sweep worker: score the units of the JSON spec in argv[0]."""
-    from ..cli.options import quiet_llama_logs
+    from .._lib import quiet_logs
 
-    quiet_llama_logs()
     spec = json.loads(argv[0])
+    _exit_with_parent(spec["parent"])
+    quiet_logs()
     run_units(spec["model"], spec["plans"], spec["task"], spec["shots"], spec["limit"], spec["db"], spec["threads"])
 
 

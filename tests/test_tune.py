@@ -1,0 +1,163 @@
+"""`ggufloop tune` end to end on a tiny model: held-out verdict, no leaks, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ggufloop.eval.search import SplitConfig, split_task
+from ggufloop.eval.tasks import TASKS, FewshotPool, _solved
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.data
+
+
+def tune_args(model: Path, db: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "ggufloop",
+        "tune",
+        str(model),
+        "--tasks",
+        "piqa,arc_easy",
+        "--limit",
+        "48",
+        "--starts",
+        "1:4",
+        "--sizes",
+        "2:3",
+        "--counts",
+        "2,3",
+        "--mixes",
+        "none,uniform",
+        "--n0",
+        "4",
+        "--finalists",
+        "2",
+        "--split-seed",
+        "7",
+        "--db",
+        str(db),
+        "--json",
+        str(out),
+        "-t",
+        "2",
+    ]
+
+
+def rows(db: Path) -> list[tuple]:
+    return sorted(sqlite3.connect(db).execute("SELECT task, prompt, plan, item, lls FROM results").fetchall())
+
+
+def test_fewshot_examples_come_from_the_pool_only():
+    task = TASKS["winogrande"]
+    ids = [ex.id for ex in task.examples()[:60]]
+    split = split_task(task.name, ids, SplitConfig(seed=3))
+    pool = FewshotPool("test", split.fewshot_pool)
+    items = task.items(shots=3, limit=60, pool=pool)
+    examples = {ex.id: ex for ex in task.examples()}
+    used = set()
+    for it in items:
+        for ex_id, ex in examples.items():
+            if _solved("winogrande", ex) in it.contexts[0]:
+                used.add(ex_id)
+    assert used and used <= set(split.search)  # held-out items never appear as examples
+    assert task.prompt_key(pool) != task.prompt_key()  # and such prompts are stored apart
+    mmlu = TASKS["mmlu:anatomy"]  # a task with its own few-shot split keeps the standard prompts
+    assert mmlu.prompt_key(pool) == mmlu.prompt_key()
+
+
+def test_tune_end_to_end_and_resume_after_kill(tiny_models, tmp_path):
+    model = tiny_models["llama"][2]
+    db, out = tmp_path / "r.sqlite", tmp_path / "tune.json"
+    args = tune_args(model, db, out)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    n = 0
+    for _ in range(1200):
+        time.sleep(0.05)
+        if db.exists():
+            try:
+                n = sqlite3.connect(db).execute("SELECT COUNT(*) FROM results").fetchone()[0]
+            except sqlite3.Error:
+                n = 0
+            if n >= 40:
+                break
+    proc.kill()
+    proc.wait()
+    assert n >= 40 and not out.exists(), "the run should have been killed part way"
+    before = rows(db)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    after = rows(db)
+    assert set(before) <= set(after)  # nothing lost, nothing rescored
+    assert len({r[:4] for r in after}) == len(after)
+
+    res = json.loads(out.read_text())
+    # the split is recorded, disjoint and covering, and the same as the library's
+    for task in ("piqa", "arc_easy"):
+        items = res["split"]["items"][task]
+        assert not set(items["search"]) & set(items["heldout"])
+        ids = [ex.id for ex in TASKS[task].examples()[:48]]
+        assert set(items["search"]) | set(items["heldout"]) == set(ids)
+        assert tuple(items["search"]) == split_task(task, ids, SplitConfig(seed=7)).search
+    # the verdict compares on held-out items only: n equals the held-out sizes
+    heldout = {t: len(res["split"]["items"][t]["heldout"]) for t in ("piqa", "arc_easy")}
+    for c in res["verdict"]["comparisons"]:
+        assert c["n"] == (sum(heldout.values()) if c["task"] == "(all tasks)" else heldout[c["task"]])
+        assert c["p_holm"] >= c["p_mcnemar"]
+    assert len(res["search"]["finalists"]) == 2
+    assert res["search"]["evaluations"] < res["search"]["grid_evaluations"]
+    assert "verdict:" in done.stdout
+    # the held-out rows in the store are exactly the verdict's numbers
+    con = sqlite3.connect(db)
+    base = dict(con.execute("SELECT item, correct FROM results WHERE task='piqa' AND plan='none'").fetchall())
+    held = res["split"]["items"]["piqa"]["heldout"]
+    row = next(c for c in res["verdict"]["comparisons"] if c["task"] == "piqa")
+    assert row["base_acc"] == pytest.approx(sum(base[i] for i in held) / len(held))
+
+    # a third run scores nothing and reaches the same verdict
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert rows(db) == after
+    assert json.loads(out.read_text())["verdict"] == res["verdict"]
+
+
+def test_tune_refuses_bad_settings_with_one_line(tiny_models, tmp_path):
+    model = str(tiny_models["llama"][2])
+    for extra, message in [
+        (["--counts", "x"], "bad counts"),
+        (["--counts", "1"], "must be >= 2"),
+        (["--mixes", "blend"], "unknown mix"),
+        (["--starts", "40:50"], "no candidate plan"),
+        (["--budget", "3"], "cannot pay for rung 0"),
+        (["--tasks", "bogus"], "unknown task"),
+    ]:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ggufloop",
+                "tune",
+                model,
+                "--limit",
+                "20",
+                "--db",
+                str(tmp_path / "x.sqlite"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (extra, proc.stderr)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (extra, proc.stderr)
