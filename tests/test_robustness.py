@@ -320,3 +320,22 @@ def test_sweep_workers_stop_with_their_parent(tiny_models, tmp_path):
 def test_cli_runner_sees_one_line_for_a_bad_db(tmp_path):
     res = CliRunner().invoke(main, ["report", "--db", str(tmp_path)])
     assert res.exit_code != 0 and "Traceback" not in res.output
+
+
+def test_results_export_and_import_round_trip(tmp_path):
+    a = Store(tmp_path / "a.sqlite")
+    from ggufloop.eval.store import Row, Unit
+
+    unit = Unit("sha", "piqa", 0, "v1", "1:3x2")
+    a.add(unit, [Row("1", [-1.5, -2.25], 0, True, False), Row("2", [-3.0, -1.0], 1, True, True)])
+    assert a.export_rows(tmp_path / "rows.csv.gz") == 2
+    a.close()
+    b = Store(tmp_path / "b.sqlite")
+    assert b.import_rows(tmp_path / "rows.csv.gz") == 2
+    assert b.import_rows(tmp_path / "rows.csv.gz") == 0  # nothing twice
+    assert b.rows(unit) == {"1": (1, 0), "2": (1, 1)}
+    assert b.db.execute("SELECT lls FROM results WHERE item='1'").fetchone()[0] == "[-1.5, -2.25]"
+    (tmp_path / "bad.csv").write_text("not,an,export\n")
+    with pytest.raises(StoreError, match="not a ggufloop results export"):
+        b.import_rows(tmp_path / "bad.csv")
+    b.close()

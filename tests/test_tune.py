@@ -70,7 +70,8 @@ def test_fewshot_examples_come_from_the_pool_only():
             if _solved("winogrande", ex) in it.contexts[0]:
                 used.add(ex_id)
     assert used and used <= set(split.search)  # held-out items never appear as examples
-    assert task.prompt_key(pool) != task.prompt_key()  # and such prompts are stored apart
+    assert task.prompt_key(pool, 3) != task.prompt_key()  # and such prompts are stored apart
+    assert task.prompt_key(pool, 0) == task.prompt_key()  # unless no example is drawn
     mmlu = TASKS["mmlu:anatomy"]  # a task with its own few-shot split keeps the standard prompts
     assert mmlu.prompt_key(pool) == mmlu.prompt_key()
 

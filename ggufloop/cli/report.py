@@ -2,19 +2,43 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..eval.store import DEFAULT_DB
 
 
 @click.command("report")
-@click.option("--db", type=click.Path(dir_okay=False, exists=True), default=str(DEFAULT_DB), show_default=True)
-def command(db: str) -> None:
+@click.option("--db", type=click.Path(dir_okay=False), default=str(DEFAULT_DB), show_default=True)
+@click.option(
+    "--export",
+    "export_to",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE.csv[.gz]",
+    help="Also write every scored item to this file (results that travel with git or to another machine).",
+)
+@click.option(
+    "--import",
+    "import_from",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    metavar="FILE.csv[.gz]",
+    help="First add the rows of an exported file that the database lacks.",
+)
+def command(db: str, export_to: str | None, import_from: str | None) -> None:
     """Every configuration in the results database, as a Markdown table."""
     from ..eval.store import Store
 
+    if import_from is None and not Path(db).exists():
+        raise FileNotFoundError(f"no results database at {db}: score something first (ggufloop eval, sweep, tune)")
     store = Store(db)
+    if import_from:
+        click.echo(f"imported {store.import_rows(import_from)} new rows from {import_from}", err=True)
     click.echo("| model | task | shots | prompt | plan | n | acc | acc_norm |\n|---|---|---|---|---|---|---|---|")
     for name, task, shots, prompt, plan, n, acc, acc_norm in store.summary():
         click.echo(f"| {name} | {task} | {shots} | {prompt} | {plan} | {n} | {acc:.4f} | {acc_norm:.4f} |")
+    if export_to:
+        click.echo(f"exported {store.export_rows(export_to)} rows to {export_to}", err=True)
     store.close()

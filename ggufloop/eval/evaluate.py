@@ -49,7 +49,7 @@ def run_unit(
     if ids is not None:
         by_id = {it.id: it for it in items}
         items = [by_id[i] for i in ids]
-    unit = Unit(model_sha, task.name, shots, task.prompt_key(pool), str(scorer.plan))
+    unit = Unit(model_sha, task.name, shots, task.prompt_key(pool, shots), str(scorer.plan))
     done = store.done(unit)
     todo = [it for it in items if it.id not in done]
     if progress and len(items) > len(todo):

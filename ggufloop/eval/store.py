@@ -12,11 +12,14 @@ than ggufloop's, and never writes into such a file. A read-only database can sti
 
 from __future__ import annotations
 
+import csv
+import gzip
 import json
 import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from ..errors import StoreError
 from ..models import sha256_file
@@ -201,5 +204,48 @@ class Store:
             " GROUP BY model, task, shots, prompt, plan ORDER BY 1, 2, 3, 4, 5"
         ).fetchall()
 
+    def export_rows(self, path: str | Path) -> int:
+        """Write every result row (and the models' names) to a CSV file, gzip-compressed when the name
+        ends in .gz: results that travel (git, another machine) and come back with ``import_rows``."""
+        rows = self.db.execute(f"SELECT {', '.join(RESULTS_COLUMNS)} FROM results ORDER BY 1, 2, 3, 4, 5, 6")
+        names = dict(self.db.execute("SELECT sha256, name FROM models").fetchall())
+        n = 0
+        with _open_text(path, "w") as f:
+            w = csv.writer(f)
+            w.writerow([*RESULTS_COLUMNS, "model_name"])
+            for r in rows:
+                w.writerow([*r, names.get(r[0], "")])
+                n += 1
+        return n
+
+    def import_rows(self, path: str | Path) -> int:
+        """Add the rows of an ``export_rows`` file that the store lacks; returns how many were new."""
+        self.check_writable()
+        try:
+            with _open_text(path, "r") as f:
+                reader = csv.reader(f)
+                if next(reader, None) != [*RESULTS_COLUMNS, "model_name"]:
+                    raise StoreError(f"{path} is not a ggufloop results export")
+                rows, names = [], {}
+                for r in reader:
+                    rows.append((r[0], r[1], int(r[2]), r[3], r[4], r[5], r[6], int(r[7]), int(r[8]), int(r[9])))
+                    names[r[0]] = r[10]
+        except (OSError, ValueError, IndexError, csv.Error) as err:
+            raise StoreError(f"cannot read the results export {path}: {err}") from None
+        before = self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        with self.db:
+            self.db.executemany("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            self.db.executemany(
+                "INSERT OR IGNORE INTO models VALUES (?, 0, 0, ?, ?)",
+                [(f"imported:{sha}", sha, name) for sha, name in names.items() if name],
+            )
+        return self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0] - before
+
     def close(self) -> None:
         self.db.close()
+
+
+def _open_text(path: str | Path, mode: str) -> IO[str]:
+    if str(path).endswith(".gz"):
+        return gzip.open(path, mode + "t", newline="", encoding="utf-8")  # type: ignore[return-value]
+    return open(path, mode, newline="", encoding="utf-8")

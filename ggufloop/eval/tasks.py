@@ -87,9 +87,13 @@ class Task:
         them from its search items only, so held-out items never appear as examples)."""
         return list(_items(self, self.default_shots if shots is None else shots, limit, seed, pool))
 
-    def prompt_key(self, pool: FewshotPool | None = None) -> str:
-        """The prompt format of items(pool=pool), as stored with every result."""
-        return PROMPT_VERSION if pool is None or self.fewshot_path else f"{PROMPT_VERSION}+{pool.name}"
+    def prompt_key(self, pool: FewshotPool | None = None, shots: int | None = None) -> str:
+        """The prompt format of items(shots, pool=pool), as stored with every result: the pool only
+        matters where examples are drawn from the scored split."""
+        shots = self.default_shots if shots is None else shots
+        if pool is None or self.fewshot_path or shots == 0:
+            return PROMPT_VERSION
+        return f"{PROMPT_VERSION}+{pool.name}"
 
     @property
     def fewshot_source(self) -> str:
