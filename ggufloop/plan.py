@@ -27,7 +27,8 @@ MIXES = ("none", "uniform", "ema", "autoalign", "noise")
 DEFAULT_BETA = 0.5
 DEFAULT_TEMPERATURE = 1.0
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
-MIN_TEMPERATURE = 2.0**-126  # the smallest normal float32: 1/T stays finite, so autoalign's weights do
+FLT_MAX = 3.4028234663852886e38
+MIN_TEMPERATURE = 1 / FLT_MAX  # below it 1/T overflows float32 and autoalign's weights become inf - inf = NaN
 MAX_KV_STR = 127  # llama_model_kv_override.val_str is char[128]
 
 KEY_START = "ggufloop.loop.start"
@@ -76,7 +77,7 @@ class Mix:
             raise PlanError(f"ema beta must be in [0, 1], got {self.beta}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise PlanError(f"autoalign temperature must be > 0, got {self.temperature}")
-        if self.temperature < MIN_TEMPERATURE:
+        if not math.isfinite(f32(1.0 / self.temperature)):
             raise PlanError(
                 f"autoalign temperature must be at least {MIN_TEMPERATURE:.4g}, got {self.temperature:.4g}: "
                 "below it 1/T overflows float32 and the weights are not finite"
