@@ -1,19 +1,38 @@
-"""`ggufloop serve`: llama-cpp-python's OpenAI-compatible server running a loop plan.
+"""`ggufloop serve`: one model over the OpenAI API, with several loop plans chosen per request.
 
-The plan reaches the server's own Llama as metadata overrides, so it is fixed for the life of
-the server: requests choose a model by alias and cannot change layers or mix.
+The logic is in ``ggufloop.server``; this command parses the options, loads the model once and
+runs uvicorn.
 """
 
 from __future__ import annotations
 
 import click
 
-from .options import plan_from, plan_options
+from ..plan import LoopPlan
+from .options import check_context, plan_from, plan_options
+
+API_KEY_ENV = "GGUFLOOP_API_KEY"  # ggufloop.server.API_KEY_ENV, repeated so --help needs no FastAPI
 
 
 @click.command("serve")
 @click.argument("model")
-@plan_options()
+@click.option(
+    "--plan",
+    "plans",
+    multiple=True,
+    metavar="NAME=PLAN",
+    help="A plan offered as model id <stem>@NAME (repeatable), e.g. uniform=10:15x3/uniform. "
+    "<stem>@none (the unlooped model) and <stem> (the default plan) are always offered.",
+)
+@plan_options(default_help=" The default plan, served as <stem>; default: the plan stored in the file, if any.")
+@click.option(
+    "--api-key",
+    envvar=API_KEY_ENV,
+    show_envvar=True,
+    default=None,
+    metavar="KEY",
+    help="Ask every request for 'Authorization: Bearer KEY' (else 401).",
+)
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise)."
 )
@@ -24,8 +43,10 @@ from .options import plan_from, plan_options
 @click.option("--verbose", "-v", is_flag=True)
 def command(
     model: str,
+    plans: tuple[str, ...],
     loop: str | None,
     mix: str | None,
+    api_key: str | None,
     host: str,
     port: int,
     ctx_size: int,
@@ -33,42 +54,62 @@ def command(
     threads: int | None,
     verbose: bool,
 ) -> None:
-    """Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions) with a loop plan."""
-    from .. import _lib
-    from ..errors import BackendError, PlanError
+    """Serve MODEL over the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions).
+
+    Every plan is an OpenAI model id: requests choose one with the `model` field, and the
+    loaded weights switch between plans without reloading. Example:
+
+      ggufloop serve smollm2-135m-instruct --plan uniform=10:15x3/uniform --plan ema=10:15x3/ema:0.3
+    """
+    from ..errors import BackendError, OptionError, PlanError
     from ..gguf_io import model_info
     from ..models import resolve
 
     try:
         import uvicorn
-        from llama_cpp.server.app import create_app
-        from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+        from .. import server
     except ImportError:
         raise BackendError("the server needs its extra packages: pip install 'ggufloop[server]'") from None
+    from .. import _lib
+
     _lib.require_patched()
+    if not verbose:
+        _lib.quiet_logs()
+    if api_key is not None and not api_key.strip():
+        raise OptionError("--api-key is empty: give a key, or leave the option out to serve without one")
     path = resolve(model)
     info = model_info(path)
-    plan = plan_from(loop, mix, info.stored_plan)
-    plan.validate(info.n_layer)
-    if plan.ranges:
-        raise PlanError(
-            "the server takes start:endxcount plans; for a general schedule, bake it into the file "
-            "(ggufloop bake) and serve that"
-        )
-    extra = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
-    settings = ModelSettings(
-        model=str(path),
-        model_alias=path.stem,
-        kv_overrides=plan.override_strings(),
+    named: dict[str, LoopPlan] = {}
+    for text in plans:
+        name, plan = server.parse_named_plan(text)
+        if name in named:
+            raise PlanError(f"plan name {name!r} is given twice")
+        named[name] = plan
+    default = plan_from(loop, mix, info.stored_plan)
+    config = server.ServeConfig(
+        model_path=path,
+        plans=named,
+        default=default,
         n_ctx=ctx_size,
         n_gpu_layers=n_gpu_layers,
+        threads=threads,
+        api_key=api_key,
         verbose=verbose,
-        **extra,
     )
-    click.echo(f"serving {path.name} as '{path.stem}' with plan {plan} on http://{host}:{port}/v1", err=True)
-    uvicorn.run(
-        create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[settings]),
-        host=host,
-        port=port,
-        log_level="info" if verbose else "warning",
+    ids = server.model_ids(config)
+    for plan in ids.values():
+        plan.validate(info.n_layer)
+    check_context(info, ctx_size, max(plan.virtual_depth(info.n_layer) for plan in ids.values()))
+    engine = server.PlanServer(config)
+    click.echo(
+        f"serving {path.name} as '{config.stem}' with plan {ids[config.stem]} on http://{host}:{port}/v1", err=True
     )
+    for model_id, plan in ids.items():
+        click.echo(f"  model {model_id}: plan {plan}", err=True)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: serving on {host} without an API key: anyone who can reach it can use it", err=True)
+    try:
+        uvicorn.run(server.create_app(engine), host=host, port=port, log_level="info" if verbose else "warning")
+    finally:
+        engine.close()

@@ -1,0 +1,484 @@
+"""An OpenAI-compatible server that offers several loop plans of one model, chosen per request.
+
+One model file is loaded once, as one LoopedLlama; every plan it offers is an OpenAI model id
+(``<stem>@<name>``), and a request picks one with the standard ``model`` field. Requests run one
+at a time under a lock: a request for another plan than the last one switches the loaded
+weights to it with ``set_loop`` (no reload from disk; a new layer schedule recreates the
+context, a new mix only clears the KV cache), then generates.
+
+Model ids (``model_ids``):
+  ``<stem>``         the default plan: --loop/--mix, else the plan stored in the file, else none;
+                     also what a request without a ``model`` field gets
+  ``<stem>@none``    the unlooped model, always offered
+  ``<stem>@<name>``  each plan given as ``--plan NAME=PLAN``
+
+Only those ids can be chosen: a request naming another model, or carrying a plan or metadata
+override in any other field (``loop``, ``plan``, ``mix``, ``kv_overrides``, ``ggufloop.*``, ...),
+is refused with a 4xx whose body lists the allowed ids.
+
+The endpoints are those of llama-cpp-python's server, with its request schemas and sampling
+defaults (temperature 0.8, repeat_penalty 1.1, ...): /v1/models, /v1/completions,
+/v1/chat/completions (both streaming as server-sent events), /extras/tokenize,
+/extras/tokenize/count, /extras/detokenize. Input that would reach llama.cpp's C code unchecked
+is checked first: token ids (detokenize, logit_bias) must be in the vocabulary, and a grammar
+must parse with llama.cpp's own parser. Errors answer in OpenAI's shape
+(``{"error": {"message", "type", "param", "code"}}``) and never carry server paths or tracebacks.
+A model whose logits are not finite (a damaged file) answers 500 with that reason, never an
+empty answer: LoopedLlama.eval checks every evaluated row.
+
+This module imports FastAPI and llama.cpp; ``ggufloop.cli.serve`` imports it only when it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import llama_cpp
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from llama_cpp.server.types import (
+    CreateChatCompletionRequest,
+    CreateCompletionRequest,
+    DetokenizeInputRequest,
+    TokenizeInputRequest,
+)
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import BackendError, PlanError
+from .plan import LoopPlan
+from .runtime import LoopedLlama
+
+T = TypeVar("T")
+
+API_KEY_ENV = "GGUFLOOP_API_KEY"
+UNLOOPED = "none"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# request fields that would choose a plan, or change the model, another way than `model`
+PLAN_FIELDS = frozenset(
+    {
+        "loop",
+        "plan",
+        "mix",
+        "layers",
+        "schedule",
+        "kv_overrides",
+        "kv_override",
+        "override_kv",
+        "overrides",
+        "model_path",
+        "lora_path",
+        "lora_base",
+        "n_gpu_layers",
+    }
+)
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+@~-]+){2,}[\\/]?")
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``ggufloop serve`` serves: one model file, its plans, and how to run it.
+
+    ``plans`` maps a name to a plan (``--plan NAME=PLAN``); ``default`` is the plan served under
+    the plain stem (None: the unlooped model). ``api_key``: requests must carry
+    ``Authorization: Bearer <api_key>`` (None: no key asked).
+    """
+
+    model_path: Path
+    plans: dict[str, LoopPlan] = field(default_factory=dict)
+    default: LoopPlan | None = None
+    n_ctx: int = 2048
+    n_gpu_layers: int = 0
+    threads: int | None = None
+    seed: int = llama_cpp.LLAMA_DEFAULT_SEED
+    api_key: str | None = None
+    verbose: bool = False
+
+    @property
+    def stem(self) -> str:
+        return Path(self.model_path).stem
+
+
+def parse_named_plan(text: str) -> tuple[str, LoopPlan]:
+    """``NAME=PLAN`` (``uniform=10:15x3/uniform``) as (name, plan); PlanError says what is wrong."""
+    name, eq, plan = text.partition("=")
+    name = name.strip()
+    if not eq or not plan.strip():
+        raise PlanError(f"--plan takes NAME=PLAN, such as uniform=10:15x3/uniform; got {text!r}")
+    if not _NAME.match(name):
+        raise PlanError(f"plan name {name!r}: use letters, digits, '_', '.' or '-' (at most 64, no '@' or '=')")
+    if name == UNLOOPED:
+        raise PlanError(f"plan name {UNLOOPED!r} is reserved for the unlooped model, which is always served")
+    return name, LoopPlan.parse(plan)
+
+
+def model_ids(config: ServeConfig) -> dict[str, LoopPlan]:
+    """Every model id the server offers, with its plan, in the order /v1/models lists them."""
+    ids = {config.stem: config.default or LoopPlan(), f"{config.stem}@{UNLOOPED}": LoopPlan()}
+    for name, plan in config.plans.items():
+        ids[f"{config.stem}@{name}"] = plan
+    return ids
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+class ServeError(Exception):
+    """A request the server refuses or could not answer; becomes an OpenAI-shaped error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code, self.extra = (
+            status,
+            message,
+            kind,
+            param,
+            code,
+            extra,
+        )
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code, **self.extra}
+        }
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def scrub(text: str) -> str:
+    """text without file system paths (a server's layout is none of a client's business)."""
+    return _PATH.sub("<path>", text)
+
+
+# -- the engine: one model, its plans, one request at a time ---------------------------------------
+
+
+class PlanServer:
+    """One LoopedLlama and the plans it offers; runs requests one at a time, switching plans on the
+    loaded weights. Usable without HTTP (the app below is a thin layer over it)."""
+
+    def __init__(self, config: ServeConfig, llm: LoopedLlama | None = None) -> None:
+        self.config = config
+        self.models = model_ids(config)
+        self.default_id = config.stem
+        self._lock = threading.Lock()
+        default = self.models[self.default_id]
+        self.llm = llm if llm is not None else _open(config, default)
+        self._current = self.llm.plan if llm is not None else default
+        self.n_vocab = self.llm.n_vocab()
+        self.created = int(time.time())
+
+    def close(self) -> None:
+        self.llm.close()
+
+    # -- choosing a plan
+
+    def resolve(self, model: str | None) -> tuple[str, LoopPlan]:
+        """The (id, plan) a request's ``model`` field names; None means the default id."""
+        model_id = self.default_id if model in (None, "") else model
+        if model_id not in self.models:
+            raise ServeError(
+                404,
+                f"unknown model {model_id!r}: this server offers {', '.join(self.models)}",
+                param="model",
+                code="model_not_found",
+                allowed=list(self.models),
+            )
+        return model_id, self.models[model_id]
+
+    def refuse_plan_fields(self, fields: dict[str, Any] | None) -> None:
+        """Refuse a request that carries a plan or an override outside the ``model`` field."""
+        for key in fields or {}:
+            low = key.lower()
+            if low in PLAN_FIELDS or low.startswith("ggufloop"):
+                raise ServeError(
+                    400,
+                    f"field {key!r} is not accepted: a request chooses its plan with the 'model' field, "
+                    f"one of {', '.join(self.models)}",
+                    param=key,
+                    code="plan_not_allowed",
+                    allowed=list(self.models),
+                )
+
+    def _use(self, plan: LoopPlan) -> None:
+        if str(plan) != str(self._current):
+            self.llm.set_loop(plan)
+            self._current = plan
+
+    def run(self, model: str | None, call: Callable[[LoopedLlama], T]) -> T:
+        """call(llm) under the lock, with the plan of ``model``; blocks while another request runs."""
+        _, plan = self.resolve(model)
+        with self._lock:
+            try:
+                self._use(plan)
+                return call(self.llm)
+            except BackendError as err:
+                self.llm.reset()
+                raise _model_error(err) from None
+
+    def stream(self, model: str | None, call: Callable[[LoopedLlama], Iterator[T]]) -> Iterator[T]:
+        """The chunks of call(llm), generated under the lock (held until the iterator is exhausted
+        or closed: close it when the client goes away)."""
+        _, plan = self.resolve(model)
+        with self._lock:
+            try:
+                self._use(plan)
+                yield from call(self.llm)
+            except BackendError as err:
+                self.llm.reset()
+                raise _model_error(err) from None
+
+    # -- checks before anything reaches llama.cpp
+
+    def check_tokens(self, tokens: list[int], param: str = "tokens") -> None:
+        """Refuse token ids outside the vocabulary (llama.cpp would abort the process on them)."""
+        for tok in tokens:
+            if not (0 <= tok < self.n_vocab):
+                raise ServeError(
+                    400,
+                    f"token id {tok} is out of range: this model's vocabulary has ids 0..{self.n_vocab - 1}",
+                    param=param,
+                )
+
+    def check_grammar(self, grammar: str) -> None:
+        """Refuse a grammar that llama.cpp's own parser rejects (it would return no sampler, and
+        llama-cpp-python would crash the process on it)."""
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise ServeError(
+                400,
+                "invalid grammar: llama.cpp's GBNF parser refused it (a syntax error, an undefined "
+                "rule, left recursion, or no 'root' rule)",
+                param="grammar",
+            )
+        llama_cpp.llama_sampler_free(sampler)
+
+    def sampling_kwargs(self, body: CreateCompletionRequest | CreateChatCompletionRequest) -> dict[str, Any]:
+        """The Llama keyword arguments of a completion or chat request, checked."""
+        if (body.n or 1) != 1:
+            raise ServeError(400, "n > 1 is not supported: send one request per choice", param="n")
+        kwargs = body.model_dump(exclude={"model", "n", "best_of", "logit_bias_type", "user", "min_tokens", "grammar"})
+        for key in body.model_extra or {}:
+            kwargs.pop(key, None)
+        if body.logit_bias:
+            kwargs["logit_bias"] = self._logit_bias(body.logit_bias, body.logit_bias_type)
+        if body.grammar is not None:
+            self.check_grammar(body.grammar)
+            kwargs["grammar"] = llama_cpp.LlamaGrammar.from_string(body.grammar, verbose=False)
+        if body.min_tokens > 0:
+            kwargs["logits_processor"] = llama_cpp.LogitsProcessorList(
+                [llama_cpp.MinTokensLogitsProcessor(body.min_tokens, self.llm.token_eos())]
+            )
+        return kwargs
+
+    def _logit_bias(self, bias: dict[str, float], kind: str | None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, value in bias.items():
+            if kind == "tokens":
+                ids = self.llm.tokenize(key.encode("utf-8"), add_bos=False, special=True)
+            else:
+                try:
+                    ids = [int(key)]
+                except ValueError:
+                    raise ServeError(400, f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+                self.check_tokens(ids, "logit_bias")
+            for tok in ids:
+                out[str(tok)] = value
+        return out
+
+
+def _open(config: ServeConfig, plan: LoopPlan) -> LoopedLlama:
+    """The server's one LoopedLlama, running plan (a general schedule too long for a metadata
+    override is set after loading)."""
+    extra = {"n_threads": config.threads, "n_threads_batch": config.threads} if config.threads else {}
+    try:
+        plan.kv_overrides()
+        first = plan
+    except PlanError:
+        first = LoopPlan()
+    llm = LoopedLlama(
+        str(config.model_path),
+        loop=first,
+        n_ctx=config.n_ctx,
+        n_gpu_layers=config.n_gpu_layers,
+        seed=config.seed,
+        verbose=config.verbose,
+        **extra,
+    )
+    if first is not plan:
+        llm.set_loop(plan)
+    return llm
+
+
+def _model_error(err: BackendError) -> ServeError:
+    return ServeError(500, f"the model failed: {scrub(str(err))}", kind="server_error", code="model_error")
+
+
+# -- the HTTP layer -----------------------------------------------------------------------------
+
+
+def _keeping_extras(schema: type) -> type:
+    """schema with unknown fields kept (in ``model_extra``): plan fields are refused by name, others ignored."""
+    return type(schema.__name__, (schema,), {"model_config": {**schema.model_config, "extra": "allow"}})
+
+
+CompletionRequest = _keeping_extras(CreateCompletionRequest)
+ChatRequest = _keeping_extras(CreateChatCompletionRequest)
+TokenizeRequest = _keeping_extras(TokenizeInputRequest)
+DetokenizeRequest = _keeping_extras(DetokenizeInputRequest)
+
+
+def create_app(server: PlanServer) -> FastAPI:
+    """The FastAPI app over a PlanServer: OpenAI's endpoints and llama-cpp-python's extras."""
+    app = FastAPI(title="ggufloop", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Callable) -> Any:
+        key = server.config.api_key
+        if key is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+                return ServeError(401, "invalid or missing API key", code="invalid_api_key").response(
+                    {"WWW-Authenticate": "Bearer"}
+                )
+        for key_name in request.query_params:
+            try:
+                server.refuse_plan_fields({key_name: None})
+            except ServeError as err:
+                return err.response()
+        return await call_next(request)
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, err: ServeError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = []
+        for e in err.errors()[:5]:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {e.get('msg', 'invalid')}")
+        return ServeError(400, scrub("invalid request: " + "; ".join(problems))).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+        return ServeError(err.status_code, scrub(str(err.detail)), kind=kind).response()
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, err: Exception) -> JSONResponse:
+        traceback.print_exception(err, file=sys.stderr)  # the server's log, not the client's
+        return ServeError(500, "internal server error", kind="server_error").response()
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(server, i) for i in server.models]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        server.resolve(model_id)
+        return _model_card(server, model_id)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest) -> Any:
+        server.refuse_plan_fields(body.model_extra)
+        model_id, _ = server.resolve(body.model)
+        if isinstance(body.prompt, list):
+            if len(body.prompt) > 1:
+                raise ServeError(400, "one prompt per request", param="prompt")
+            body.prompt = body.prompt[0] if body.prompt else ""
+        kwargs = await run_in_threadpool(server.sampling_kwargs, body)
+        kwargs["model"] = model_id  # the answer names the id, not the file
+        return await _answer(server, model_id, body.stream, lambda llm: llm.create_completion(**kwargs))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, body: ChatRequest) -> Any:
+        server.refuse_plan_fields(body.model_extra)
+        model_id, _ = server.resolve(body.model)
+        kwargs = await run_in_threadpool(server.sampling_kwargs, body)
+        kwargs["model"] = model_id
+        return await _answer(server, model_id, body.stream, lambda llm: llm.create_chat_completion(**kwargs))
+
+    @app.post("/extras/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        server.refuse_plan_fields(body.model_extra)
+        server.resolve(body.model)
+        return {"tokens": server.llm.tokenize(body.input.encode("utf-8"), special=True)}
+
+    @app.post("/extras/tokenize/count")
+    async def count(body: TokenizeRequest) -> dict[str, Any]:
+        server.refuse_plan_fields(body.model_extra)
+        server.resolve(body.model)
+        return {"count": len(server.llm.tokenize(body.input.encode("utf-8"), special=True))}
+
+    @app.post("/extras/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        server.refuse_plan_fields(body.model_extra)
+        server.resolve(body.model)
+        server.check_tokens(body.tokens)
+        return {"text": server.llm.detokenize(body.tokens).decode("utf-8", errors="replace")}
+
+    return app
+
+
+def _model_card(server: PlanServer, model_id: str) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": server.created,
+        "owned_by": "ggufloop",
+        "plan": str(server.models[model_id]),
+    }
+
+
+async def _answer(server: PlanServer, model: str | None, stream: bool, call: Callable[[LoopedLlama], Any]) -> Any:
+    """The JSON answer of call, or its chunks as server-sent events ending with [DONE]."""
+    if not stream:
+        return JSONResponse(await run_in_threadpool(server.run, model, call))
+
+    async def events() -> Any:
+        chunks = server.stream(model, call)
+        try:
+            async for chunk in iterate_in_threadpool(chunks):
+                yield {"data": json.dumps(chunk)}
+        except ServeError as err:  # the answer has begun: the error goes as the last event
+            yield {"data": json.dumps(err.body())}
+            return
+        except Exception as err:
+            traceback.print_exception(err, file=sys.stderr)
+            yield {"data": json.dumps(ServeError(500, "internal server error", kind="server_error").body())}
+            return
+        finally:
+            with anyio.CancelScope(shield=True):  # a client that left: release the model for the next
+                with contextlib.suppress(Exception):
+                    await run_in_threadpool(chunks.close)
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events())
