@@ -251,3 +251,32 @@ def test_help_and_the_plan_codec_do_not_load_llama_cpp():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_chat_compare_answers_again_without_the_plan(tiny_models):
+    path = str(tiny_models["llama"][2])
+    proc = ggufloop(
+        "chat",
+        path,
+        "--loop",
+        "2:4x3",
+        "-n",
+        "6",
+        "--temp",
+        "0",
+        "-c",
+        "256",
+        stdin="/compare\nt5 t6\n/compare\nt7\n/quit\n",
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "error: /compare needs a message to answer first" in out
+    assert "--- without the plan (plan none, virtual depth 6 of 6 layers):" in out
+    assert "--- back to plan 2:4x3, virtual depth 10 of 6 layers" in out
+    # the unlooped answer is what the unlooped model answers
+    llm = LoopedLlama(path, n_ctx=256, verbose=False)
+    want = llm.create_chat_completion([{"role": "user", "content": "t5 t6"}], max_tokens=6, temperature=0)
+    llm.close()
+    unlooped = out.split("--- without the plan (plan none, virtual depth 6 of 6 layers):\n", 1)[1].split("\n", 1)[0]
+    assert unlooped == want["choices"][0]["message"]["content"]

@@ -11,7 +11,10 @@ from ..errors import UserError
 from ..plan import LoopPlan, Mix
 from .options import describe, load, runtime_options
 
-HELP = "commands: /loop PLAN (e.g. /loop 12:16x2 keeps the mix, /loop none), /mix MIX, /reset, /quit"
+HELP = (
+    "commands: /loop PLAN (e.g. /loop 12:16x2 keeps the mix, /loop none), /mix MIX, "
+    "/compare (the last message again, unlooped), /reset, /quit"
+)
 
 
 def stream_reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str:
@@ -61,7 +64,28 @@ def reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str | None
         click.secho(f"(context full: the oldest exchange was dropped, {len(dropped)} messages)", fg="yellow", err=True)
 
 
-def handle_command(llm, line: str, messages: list[dict]) -> bool:
+def compare(llm, messages: list[dict], max_tokens: int, temp: float, seed: int) -> None:
+    """Answer the last user message again without the plan, under the looped answer, then go back to
+    the plan: what looping changes, side by side (same sampling, same seed)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last is None:
+        click.echo("error: /compare needs a message to answer first")
+        return
+    plan = llm.plan
+    if not plan.is_looped:
+        click.echo("error: the chat runs no plan (/loop PLAN first), so there is nothing to compare")
+        return
+    llm.set_loop(LoopPlan())
+    try:
+        llm.set_seed(seed)
+        click.secho(f"--- without the plan ({describe(llm)}):", fg="cyan")
+        stream_reply(llm, messages[: last + 1], max_tokens, temp)
+    finally:
+        llm.set_loop(plan)
+    click.secho(f"--- back to {describe(llm)}", fg="cyan")
+
+
+def handle_command(llm, line: str, messages: list[dict], settings: dict) -> bool:
     """Run a /command; returns False to quit."""
     cmd, _, arg = line.partition(" ")
     if cmd in ("/quit", "/exit"):
@@ -77,6 +101,8 @@ def handle_command(llm, line: str, messages: list[dict]) -> bool:
                 plan = plan.with_mix(llm.mix)  # new layers, same mix
             llm.set_loop(plan)
             click.echo(f"({describe(llm)})")
+        elif cmd == "/compare":
+            compare(llm, messages, **settings)
         elif cmd == "/mix" and arg:
             llm.set_mix(Mix.parse(arg))
             click.echo(f"({describe(llm)})")
@@ -96,7 +122,8 @@ def handle_command(llm, line: str, messages: list[dict]) -> bool:
 def command(model: str | None, max_tokens: int, temp: float, system: str | None, **opts) -> None:
     """Chat with MODEL under a loop plan; MODEL defaults to the packaged SmolLM2-135M-Instruct.
 
-    Type a message and press Enter; /loop, /mix, /reset and /quit change the session.
+    Type a message and press Enter; /loop, /mix, /reset and /quit change the session, and
+    /compare answers the last message again without the plan.
     """
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
@@ -112,10 +139,12 @@ def command(model: str | None, max_tokens: int, temp: float, system: str | None,
         if not line:
             continue
         if line.startswith("/"):
-            if not handle_command(llm, line, messages):
+            settings = {"max_tokens": max_tokens, "temp": temp, "seed": opts["seed"]}
+            if not handle_command(llm, line, messages, settings):
                 break
             continue
         messages.append({"role": "user", "content": line})
+        llm.set_seed(opts["seed"])  # every answer seeded alike, so /compare sees the same sampling
         answer = reply(llm, messages, max_tokens, temp)
         if answer is not None:
             messages.append({"role": "assistant", "content": answer})
