@@ -1,10 +1,11 @@
 """Build llama-cpp-python with ggufloop's patch to its vendored llama.cpp, and install it.
 
-Downloads the pinned sdist from the package registry with pip, checks its sha256, applies
-patches/ggufloop.patch (or nothing, with --stock), builds a wheel for the chosen backend and
-caches it under a key of patch content, backend, CMake flags and platform; a second run with
-nothing changed only reinstalls the cached wheel. Standard library only: it runs before the
-project's dependencies exist.
+Downloads the pinned sdist from the package registry with pip, checks its sha256, applies the
+patch series patches/0*.patch in order (or nothing, with --stock), builds a wheel for the chosen
+backend and caches it under a key of the patches' content (in order), backend, CMake flags and
+platform; a second run with nothing changed only reinstalls the cached wheel. The sources are
+built from the same paths every time, so that ccache, when installed, recompiles only what a
+changed patch touches. Standard library only: it runs before the project's dependencies exist.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pathlib import Path
 VERSION = "0.3.36"
 SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-PATCH = Path(__file__).resolve().parent / "ggufloop.patch"
-ROOT = PATCH.parent.parent
+PATCHES = Path(__file__).resolve().parent
+ROOT = PATCHES.parent
 
 BACKEND_FLAGS = {
     "cpu": [],
@@ -62,40 +63,83 @@ def fetch_sdist(cache: Path) -> Path:
     """The pinned sdist, downloaded once and checked every time."""
     path = cache / "sdist" / SDIST
     if not path.exists():
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--no-build-isolation", f"llama-cpp-python=={VERSION}", "-d", str(path.parent)])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--no-build-isolation",
+                f"llama-cpp-python=={VERSION}",
+                "-d",
+                str(path.parent),
+            ]
+        )
     digest = sha256(path)
     if digest != SDIST_SHA256:
         fail(f"{path} has sha256 {digest}, expected {SDIST_SHA256}; delete it and retry")
     return path
 
 
-def cache_key(patch: bytes, backend: str, flags: list[str]) -> str:
+def series() -> list[Path]:
+    """The patch series, in the order it applies."""
+    return sorted(PATCHES.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+
+
+def cache_key(patches: list[tuple[str, bytes]], backend: str, flags: list[str]) -> str:
     h = hashlib.sha256()
-    for part in (SDIST_SHA256, patch.hex(), backend, " ".join(flags), sysconfig.get_platform(),
-                 f"cp{sys.version_info.major}{sys.version_info.minor}"):
+    parts = [SDIST_SHA256] + [f"{name}:{data.hex()}" for name, data in patches]
+    for part in parts + [
+        backend,
+        " ".join(flags),
+        sysconfig.get_platform(),
+        f"cp{sys.version_info.major}{sys.version_info.minor}",
+    ]:
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]
 
 
-def build_wheel(sdist: Path, patch: bytes, flags: list[str], out: Path, work: Path) -> Path:
-    """Extract, patch and build; returns the wheel."""
+def build_wheel(sdist: Path, patches: list[tuple[str, bytes]], flags: list[str], out: Path, work: Path) -> Path:
+    """Extract, patch and build; returns the wheel. work is the same path for every key (ccache)."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     with tarfile.open(sdist) as tar:
         tar.extractall(work, filter="data")
     src = work / f"llama_cpp_python-{VERSION}"
-    if patch:
-        proc = subprocess.run(["patch", "-p1", "--batch", "--forward", "-d", str(src / "vendor" / "llama.cpp")],
-                              input=patch, capture_output=True)
+    for name, data in patches:
+        proc = subprocess.run(
+            ["patch", "-p1", "--batch", "--forward", "-d", str(src / "vendor" / "llama.cpp")],
+            input=data,
+            capture_output=True,
+        )
         if proc.returncode != 0:
-            fail("the patch does not apply to llama-cpp-python "
-                 f"{VERSION}:\n{proc.stdout.decode()}{proc.stderr.decode()}")
+            fail(
+                f"patch {name} does not apply to llama-cpp-python {VERSION} "
+                f"(after {', '.join(n for n, _ in patches[: patches.index((name, data))]) or 'no other patch'}):\n"
+                f"{proc.stdout.decode()}{proc.stderr.decode()}"
+            )
     env = dict(os.environ, CMAKE_ARGS=shlex.join(flags))
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     out.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)], env=env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            f"--config-settings=build-dir={work / 'cmake'}",
+            str(src),
+        ],
+        env=env,
+    )
     shutil.rmtree(work)
     return next(out.glob("llama_cpp_python-*.whl"))
 
@@ -104,25 +148,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=sorted(BACKEND_FLAGS), default=os.environ.get("GGUFLOOP_BACKEND", "cpu"))
     ap.add_argument("--stock", action="store_true", help="build without the patch (for side-by-side comparison)")
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
-        "GGUFLOOP_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ggufloop")))
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(
+            os.environ.get(
+                "GGUFLOOP_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ggufloop"
+            )
+        ),
+    )
     ap.add_argument("--no-install", action="store_true", help="only build (or find) the wheel")
     args = ap.parse_args()
 
-    if not PATCH.exists():
-        fail(f"missing {PATCH}")
-    patch = b"" if args.stock else PATCH.read_bytes()
+    if not series():
+        fail(f"no patches (NNNN-name.patch) in {PATCHES}")
+    patches = [] if args.stock else [(p.name, p.read_bytes()) for p in series()]
     flags = COMMON_FLAGS + BACKEND_FLAGS[args.backend]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += X86_FLAGS
-    key = cache_key(patch, args.backend, flags)
+    key = cache_key(patches, args.backend, flags)
     wheels = args.cache / "wheels" / f"{'stock' if args.stock else 'ggufloop'}-{args.backend}-{key}"
     wheel = next(wheels.glob("*.whl"), None)
     if wheel is None:
         sdist = fetch_sdist(args.cache)
-        print(f"build: building llama-cpp-python {VERSION} ({'stock' if args.stock else 'patched'}, "
-              f"{args.backend}); this takes several minutes", flush=True)
-        wheel = build_wheel(sdist, patch, flags, wheels, ROOT / "build" / f"src-{key}")
+        print(
+            f"build: building llama-cpp-python {VERSION} ({'stock' if args.stock else 'patched'}, "
+            f"{args.backend}); this takes several minutes",
+            flush=True,
+        )
+        wheel = build_wheel(
+            sdist, patches, flags, wheels, ROOT / "build" / f"src-{'stock' if args.stock else 'ggufloop'}"
+        )
     else:
         print(f"build: using cached wheel {wheel}")
     if args.no_install:
