@@ -17,7 +17,7 @@ $(VENV)/.ready: pyproject.toml
 # patched llama-cpp-python (cached wheel), then ggufloop itself
 backend: $(VENV)/.ready
 	$(PY) patches/build.py --backend $(GGUFLOOP_BACKEND)
-	$(PY) -m pip install -q -e '.[test,server]'
+	$(PY) -m pip install -q -e '.[test,server,cluster]'
 
 # the same llama-cpp-python without the patch, in its own environment, for side-by-side runs
 .venv-stock/.ready:

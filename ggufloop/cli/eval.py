@@ -35,6 +35,12 @@ from .options import plan_from, plan_options, quiet_llama_logs
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("--threads", "-t", type=click.IntRange(1), default=None)
+@click.option(
+    "--cluster",
+    default=None,
+    metavar="ADDRESS",
+    help="Score on this Ray cluster (an address, or auto); --threads is then per unit of work (default 1).",
+)
 def command(
     model: str,
     tasks: str,
@@ -45,8 +51,10 @@ def command(
     db: str,
     json_out: str | None,
     threads: int | None,
+    cluster: str | None,
 ) -> None:
     """Score MODEL on benchmarks with and without a loop plan, item by item, resumably."""
+    from ..eval.cluster import ClusterConfig
     from ..eval.evaluate import comparison_table, evaluate
     from ..eval.tasks import resolve_tasks
     from ..models import resolve
@@ -57,7 +65,8 @@ def command(
     path = resolve(model)
     total = 2 * sum(len(t.items(shots, limit)) for t in task_list)
     with click.progressbar(length=total, label="scoring", file=sys.stderr, show_eta=True) as bar:
-        results = evaluate(path, task_list, plan, shots, limit, db, threads, progress=bar.update)
+        on = ClusterConfig(cluster, threads or 1) if cluster else None
+        results = evaluate(path, task_list, plan, shots, limit, db, threads, progress=bar.update, cluster=on)
     click.echo(f"\n{path.name}: plan {plan} against the unlooped model (paired bootstrap 95% CI, exact McNemar p)\n")
     click.echo(comparison_table(results))
     for r in results:

@@ -14,12 +14,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import PlanError, TaskError
 from ..eval.store import DEFAULT_DB, Store, Unit
 from ..plan import LoopPlan, Mix
+
+if TYPE_CHECKING:
+    from ..eval.cluster import ClusterConfig
 
 
 @click.command("sweep")
@@ -34,6 +38,13 @@ from ..plan import LoopPlan, Mix
 @click.option("--jobs", "-j", type=click.IntRange(1), default=1, show_default=True, help="Worker processes.")
 @click.option("--threads", "-t", type=click.IntRange(1), default=None, help="Threads in all (split over jobs).")
 @click.option("--db", type=click.Path(dir_okay=False), default=str(DEFAULT_DB), show_default=True)
+@click.option(
+    "--cluster",
+    default=None,
+    metavar="ADDRESS",
+    help="Score on this Ray cluster (an address, or auto) instead of --jobs local workers; --threads is then "
+    "per unit of work (default 1).",
+)
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="results", show_default=True)
 def command(
     model: str,
@@ -47,10 +58,12 @@ def command(
     jobs: int,
     threads: int | None,
     db: str,
+    cluster: str | None,
     output: str,
 ) -> None:
     """Score every block range of MODEL at COUNT passes on one task; heatmap and CSV."""
     from .. import plots
+    from ..eval.cluster import ClusterConfig
     from ..eval.sweep import block_ranges, cells
     from ..eval.tasks import TASKS
     from ..gguf_io import model_info
@@ -75,47 +88,11 @@ def command(
     store.check_writable()
     sha = store.model_sha(path)
     units = [Unit(sha, task, shots_used, the_task.prompt_key(), p) for p in plans]
-    per_job = max(1, (threads or os.cpu_count() or 1) // jobs)
-    specs = [
-        {
-            "model": str(path),
-            "plans": plans[j::jobs],
-            "task": task,
-            "shots": shots,
-            "limit": limit,
-            "db": db,
-            "threads": per_job,
-            "parent": os.getpid(),
-        }
-        for j in range(jobs)
-    ]
-    workers = [subprocess.Popen([sys.executable, "-m", "ggufloop.eval.sweep", json.dumps(spec)]) for spec in specs]
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers are stopped below
-    try:
-        with click.progressbar(
-            length=len(plans) * len(items),
-            label=f"{len(plans)} plans x {len(items)} items",
-            file=sys.stderr,
-            show_eta=True,
-        ) as bar:
-            last = 0
-            while True:
-                running = any(w.poll() is None for w in workers)
-                now = sum(len(store.done(u)) for u in units)
-                bar.update(now - last)
-                last = now
-                if not running:
-                    break
-                time.sleep(2)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for w in workers:
-            if w.poll() is None:
-                w.terminate()
-        for w in workers:
-            w.wait()
-    if any(w.returncode for w in workers):
-        raise TaskError("a sweep worker failed; run the same command again to resume")
+    if cluster:
+        _on_cluster(ClusterConfig(cluster, threads or 1), path, store, sha, plans, task, shots, limit, len(items))
+    else:
+        spec = {"model": str(path), "task": task, "shots": shots, "limit": limit, "db": db}
+        _with_workers(spec, store, units, plans, threads, jobs, len(items))
 
     ids = [it.id for it in items]
     grid = cells(store, sha, task, shots_used, the_task.prompt_key(), block_plans, ids)
@@ -160,3 +137,63 @@ def command(
     n_sig = sum(c.p_holm < 0.05 for c in grid)
     click.echo(f"{n_sig} of {len(grid)} blocks differ from the unlooped model (Holm-adjusted McNemar p < 0.05)")
     click.echo(f"wrote {out / stem}.csv and .png", err=True)
+
+
+def _on_cluster(
+    config: ClusterConfig,
+    path: Path,
+    store: Store,
+    sha: str,
+    plans: list[str],
+    task: str,
+    shots: int | None,
+    limit: int | None,
+    n_items: int,
+) -> None:
+    """Every unit on a Ray cluster; this process writes the rows as they arrive."""
+    from ..eval.cluster import RayExecutor, Request, worker_model
+
+    executor = RayExecutor(config, worker_model(path, sha), store)
+    try:
+        with click.progressbar(
+            length=len(plans) * n_items, label=f"{len(plans)} plans x {n_items} items", file=sys.stderr, show_eta=True
+        ) as bar:
+            executor.run([Request(p, task, shots, limit) for p in plans], bar.update)
+    finally:
+        executor.close()
+    click.echo(executor.summary(), err=True)
+
+
+def _with_workers(
+    spec: dict, store: Store, units: list[Unit], plans: list[str], threads: int | None, jobs: int, n_items: int
+) -> None:
+    """Every unit in --jobs local worker processes (spec: what they share), which write to the store themselves."""
+    per_job = max(1, (threads or os.cpu_count() or 1) // jobs)
+    specs = [{**spec, "plans": plans[j::jobs], "threads": per_job, "parent": os.getpid()} for j in range(jobs)]
+    workers = [subprocess.Popen([sys.executable, "-m", "ggufloop.eval.sweep", json.dumps(spec)]) for spec in specs]
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers are stopped below
+    try:
+        with click.progressbar(
+            length=len(plans) * n_items,
+            label=f"{len(plans)} plans x {n_items} items",
+            file=sys.stderr,
+            show_eta=True,
+        ) as bar:
+            last = 0
+            while True:
+                running = any(w.poll() is None for w in workers)
+                now = sum(len(store.done(u)) for u in units)
+                bar.update(now - last)
+                last = now
+                if not running:
+                    break
+                time.sleep(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()
+        for w in workers:
+            w.wait()
+    if any(w.returncode for w in workers):
+        raise TaskError("a sweep worker failed; run the same command again to resume")

@@ -142,6 +142,12 @@ def report(res) -> str:
     help="Write the winning plan into a copy of the model (nothing when no plan wins).",
 )
 @click.option("--threads", "-t", type=click.IntRange(1), default=None)
+@click.option(
+    "--cluster",
+    default=None,
+    metavar="ADDRESS",
+    help="Score on this Ray cluster (an address, or auto); --threads is then per unit of work (default 1).",
+)
 def command(
     model: str,
     tasks: str,
@@ -162,6 +168,7 @@ def command(
     json_out: str | None,
     bake_out: str | None,
     threads: int | None,
+    cluster: str | None,
 ) -> None:
     """Search for a loop plan that helps MODEL on the tasks, and judge it on held-out items.
 
@@ -173,6 +180,7 @@ def command(
     Scored items are kept in the results database, so a stopped run resumes where it stopped.
     """
     from ..eval import search
+    from ..eval.cluster import ClusterConfig
     from ..eval.tasks import resolve_tasks
     from ..eval.tune import Candidates, prepare, tune
     from ..gguf_io import write_plan
@@ -206,6 +214,7 @@ def command(
             db=db,
             threads=threads,
             progress=bar.update,
+            cluster=ClusterConfig(cluster, threads or 1) if cluster else None,
         )
     click.echo(report(res))
     out = Path(json_out) if json_out else Path(db).parent / f"tune-{path.stem}-{'_'.join(res.tasks)}.json"

@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..plan import LoopPlan
 from .scoring import Scorer, accuracy
 from .stats import Comparison, compare
 from .store import Row, Store, Unit
 from .tasks import FewshotPool, Task
+
+if TYPE_CHECKING:
+    from .cluster import ClusterConfig
 
 
 @dataclass(frozen=True)
@@ -83,21 +87,26 @@ def evaluate(
     db: str | Path | None = None,
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> list[dict]:
-    """Baseline and plan on every task: accuracies and the paired comparison of acc and acc_norm."""
+    """Baseline and plan on every task: accuracies and the paired comparison of acc and acc_norm.
+
+    cluster: score the units on that Ray cluster instead of in this process (see cluster.py)."""
+    from .cluster import Request, open_executor
+
     store = Store(db) if db else Store()
     store.check_writable()
     sha = store.model_sha(model)
     plan = LoopPlan.parse(plan)
-    scorer = Scorer(str(model), None, threads=threads)
+    executor = open_executor(model, store, sha, threads, cluster)
     out = []
     try:
-        base_rows = {t.name: run_unit(scorer, store, sha, t, shots, limit, progress) for t in tasks}
-        if plan != LoopPlan():
-            scorer.set_plan(plan)
+        got = executor.run([Request(p, t.name, shots, limit) for p in ("none", str(plan)) for t in tasks], progress)
+        base_rows = {t.name: rows for t, rows in zip(tasks, got)}
+        plan_rows = {t.name: rows for t, rows in zip(tasks, got[len(tasks) :])}
         for t in tasks:
             s = t.default_shots if shots is None else shots
-            rows = run_unit(scorer, store, sha, t, shots, limit, progress)
+            rows = plan_rows[t.name]
             out.append(
                 {
                     "task": t.name,
@@ -110,7 +119,7 @@ def evaluate(
                 }
             )
     finally:
-        scorer.close()
+        executor.close()
         store.close()
     return out
 

@@ -77,6 +77,11 @@ POOLED = "(all tasks)"
 ScoreFn = Callable[[Hashable, str, list[str]], Mapping[str, int]]
 """score(candidate or baseline, task, item ids) -> {item id: 1 if answered correctly else 0}."""
 
+PrefetchFn = Callable[[list[tuple[Hashable, str, list[str]]]], None]
+"""prefetch([(candidate or baseline, task, item ids), ...]): optional, told before each rung everything
+the rung will ask ``score`` for, so a caller can score it all at once (in parallel); ``score`` is then
+called as without it."""
+
 StopReason = Literal["narrowed", "exhausted", "budget", "grid"]
 
 
@@ -323,9 +328,13 @@ class _Ledger:
     seen: dict[tuple[Hashable, str], dict[str, int]] = field(default_factory=dict)
     evaluations: int = 0
 
+    def missing(self, key: Hashable, task: str, ids: Sequence[str]) -> list[str]:
+        have = self.seen.get((key, task), {})
+        return [i for i in ids if i not in have]
+
     def ensure(self, key: Hashable, task: str, ids: Sequence[str]) -> list[int]:
         have = self.seen.setdefault((key, task), {})
-        missing = [i for i in ids if i not in have]
+        missing = self.missing(key, task, ids)
         if missing:
             got = self.score(key, task, list(missing))
             for i in missing:
@@ -352,6 +361,7 @@ def _run(
     score: ScoreFn,
     schedule: Schedule,
     baseline: Hashable,
+    prefetch: PrefetchFn | None = None,
 ) -> SearchResult:
     cands = list(candidates)
     if len(set(cands)) != len(cands):
@@ -368,6 +378,9 @@ def _run(
     for plan in schedule.rungs:
         before = ledger.evaluations
         items = {t: list(orders[t][: plan.items[t]]) for t in orders}
+        if prefetch:
+            asked = [(k, t, ledger.missing(k, t, ids)) for k in (baseline, *alive) for t, ids in items.items()]
+            prefetch([a for a in asked if a[2]])
         base = {t: ledger.ensure(baseline, t, ids) for t, ids in items.items()}
         for c in alive:  # one candidate at a time, all its tasks: the caller switches plans least often
             per_task, exact = [], Fraction(0)
@@ -413,6 +426,7 @@ def successive_halving(
     score: ScoreFn,
     config: HalvingConfig = HalvingConfig(),
     baseline: Hashable = BASELINE,
+    prefetch: PrefetchFn | None = None,
 ) -> SearchResult:
     """Narrow candidates down to ``config.top_k`` finalists by successive halving on the search items.
 
@@ -426,7 +440,7 @@ def successive_halving(
     orders = {t: _order(t, ids, config.seed) for t, ids in search_items.items()}
     cands = list(candidates)
     schedule = halving_schedule(len(cands), {t: len(o) for t, o in orders.items()}, config)
-    return _run("successive_halving", cands, orders, score, schedule, baseline)
+    return _run("successive_halving", cands, orders, score, schedule, baseline, prefetch)
 
 
 def full_grid(
@@ -435,6 +449,7 @@ def full_grid(
     score: ScoreFn,
     top_k: int = 1,
     baseline: Hashable = BASELINE,
+    prefetch: PrefetchFn | None = None,
 ) -> SearchResult:
     """Every candidate and the baseline on every search item: one rung, ranked like successive halving.
 
@@ -449,7 +464,7 @@ def full_grid(
         raise ValueError("the grid needs candidates, tasks, and search items in every task")
     cost = grid_evaluations(len(cands), sizes)
     schedule = Schedule((RungPlan(0, len(cands), sizes, cost, min(top_k, len(cands))),), "grid", cost)
-    return _run("grid", cands, orders, score, schedule, baseline)
+    return _run("grid", cands, orders, score, schedule, baseline, prefetch)
 
 
 # --- 3. the verdict ----------------------------------------------------------------------------

@@ -13,15 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import PlanError, TaskError
 from ..plan import LoopPlan, Mix
 from . import search
-from .evaluate import run_unit
-from .scoring import Scorer
+from .cluster import Request, open_executor
 from .store import Store
 from .sweep import block_ranges
 from .tasks import FewshotPool, Task
+
+if TYPE_CHECKING:
+    from .cluster import ClusterConfig
 
 
 @dataclass(frozen=True)
@@ -204,35 +207,44 @@ def tune(
     db: str | Path | None = None,
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> TuneResult:
     """Search setup's candidates on the search items, then judge the finalists on the held-out items.
 
     The settings must be those ``setup`` was prepared with. grid: score every candidate on every
     search item instead of successive halving (the cost reference). progress(n) is called as
-    items are scored or found in the store.
+    items are scored or found in the store. cluster: score on that Ray cluster, every rung's
+    candidates at once, instead of in this process one candidate after another.
     """
-    by_name = {t.name: t for t in tasks}
     store = Store(db) if db else Store()
     store.check_writable()
     sha = store.model_sha(model)
-    scorer = Scorer(str(model), None, threads=threads)
+    executor = open_executor(model, store, sha, threads, cluster)
+
+    def request(plan: Hashable, task: str, item_ids: list[str]) -> Request:
+        return Request(str(plan), task, shots, limit, tuple(item_ids), setup.pools[task])
 
     def score(plan: Hashable, task: str, item_ids: list[str]) -> Mapping[str, int]:
-        if LoopPlan.parse(str(plan)) != scorer.plan:
-            scorer.set_plan(str(plan))
-        rows = run_unit(scorer, store, sha, by_name[task], shots, limit, progress, ids=item_ids, pool=setup.pools[task])
+        rows = executor.run([request(plan, task, item_ids)], progress)[0]
         return {i: rows[i][0] for i in item_ids}
 
+    def prefetch(asked: list[tuple[Hashable, str, list[str]]]) -> None:
+        executor.run([request(*a) for a in asked], progress)
+
+    batch = prefetch if cluster else None  # one process scores one plan at a time: no gain from batching
     try:
         search_items = search.search_ids(setup.splits)
         if grid:
-            result = search.full_grid(setup.plans, search_items, score, top_k=halving.top_k)
+            result = search.full_grid(setup.plans, search_items, score, top_k=halving.top_k, prefetch=batch)
         else:
-            result = search.successive_halving(setup.plans, search_items, score, halving)
+            result = search.successive_halving(setup.plans, search_items, score, halving, prefetch=batch)
         held = search.heldout_ids(setup.splits)
-        scored = {p: {t: score(p, t, list(held[t])) for t in held} for p in (search.BASELINE, *result.finalists)}
+        finalists = (search.BASELINE, *result.finalists)
+        if batch:
+            batch([(p, t, list(held[t])) for p in finalists for t in held])
+        scored = {p: {t: score(p, t, list(held[t])) for t in held} for p in finalists}
     finally:
-        scorer.close()
+        executor.close()
         store.close()
     judged = search.verdict(scored[search.BASELINE], {p: scored[p] for p in result.finalists}, splits=setup.splits)
     heldout_acc = {p: {t: sum(v.values()) / len(v) for t, v in per.items()} for p, per in scored.items()}

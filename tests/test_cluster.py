@@ -1,0 +1,116 @@
+"""Units of evaluation on a real Ray cluster: a head and a second node, each its own `ray start` on loopback.
+
+The cluster's results must be the local run's, row for row, even when a worker is killed mid-run,
+and a second run must score nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ggufloop.eval.cluster import ClusterConfig, ClusterError, LoopbackCluster, RayExecutor, Request, WorkerModel
+from ggufloop.eval.store import Store
+
+pytest.importorskip("ray")
+pytestmark = [pytest.mark.cluster, pytest.mark.data]
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two one-CPU nodes; a short temporary folder (Ray's socket paths must stay under 108 bytes)."""
+    tmp = Path(tempfile.mkdtemp(prefix="gl-ray-"))
+    nodes = LoopbackCluster(tmp / "ray", (1, 1))
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep(model: Path, db: Path, out: Path, *extra: str, limit: int = 20, task: str = "piqa") -> subprocess.Popen:
+    args = ["sweep", str(model), "--task", task, "--count", "2", "--starts", "1:3", "--sizes", "1:3"]
+    args += ["--limit", str(limit), "--db", str(db), "-o", str(out), *extra]
+    return subprocess.Popen(
+        [sys.executable, "-m", "ggufloop", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def finish(proc: subprocess.Popen) -> str:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    return err.decode()
+
+
+def rows(db: Path) -> list[tuple]:
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT * FROM results ORDER BY model, task, shots, prompt, plan, item").fetchall()
+
+
+def test_sweep_on_the_cluster_equals_the_local_run_and_never_scores_twice(cluster, tiny_models, tmp_path):
+    model = tiny_models["gemma3"][2]
+    finish(sweep(model, tmp_path / "local.sqlite", tmp_path / "local", "--jobs", "1", "--threads", "1"))
+    err = finish(sweep(model, tmp_path / "ray.sqlite", tmp_path / "ray", "--cluster", cluster.address))
+    assert "cluster: 100 items scored in 10 units on 2 nodes" in err
+    expected = rows(tmp_path / "local.sqlite")
+    assert len(expected) == 5 * 20 and rows(tmp_path / "ray.sqlite") == expected
+    csv = next((tmp_path / "local").glob("*.csv"))
+    assert (tmp_path / "ray" / csv.name).read_text() == csv.read_text()
+    # a second driver finds everything in the store
+    err = finish(sweep(model, tmp_path / "ray.sqlite", tmp_path / "ray", "--cluster", cluster.address))
+    assert "cluster: 0 items scored in 0 units" in err and rows(tmp_path / "ray.sqlite") == expected
+
+
+def test_a_worker_killed_mid_run_loses_only_its_unit(cluster, tiny_models, tmp_path):
+    model = tiny_models["llama"][2]
+    run = sweep(model, tmp_path / "ray.sqlite", tmp_path, "--cluster", cluster.address, limit=96)
+    killed = None
+    for _ in range(1200):
+        busy = cluster.busy_workers()
+        if busy:
+            killed = busy[0]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert killed is not None, "no worker was seen scoring"
+    finish(run)
+    finish(sweep(model, tmp_path / "local.sqlite", tmp_path, "--jobs", "1", "--threads", "1", limit=96))
+    assert rows(tmp_path / "ray.sqlite") == rows(tmp_path / "local.sqlite")
+    assert len(rows(tmp_path / "local.sqlite")) == 5 * 96
+
+
+def test_a_node_without_the_model_or_with_another_file_is_refused(cluster, tiny_models, tmp_path):
+    path = tiny_models["qwen3"][2]
+    store = Store(tmp_path / "r.sqlite")
+    sha = store.model_sha(path)
+    config = ClusterConfig(cluster.address)
+    with pytest.raises(ClusterError, match=r"missing\.gguf is not on node .*127\.0\.0\.\d.*must exist on every node"):
+        RayExecutor(config, WorkerModel(str(tmp_path / "missing.gguf"), sha, 1), store)
+    other = RayExecutor(config, WorkerModel(str(path), "0" * 64, path.stat().st_size), store)
+    try:
+        with pytest.raises(ClusterError, match="is another file .*nothing was scored"):
+            other.run([Request("none", "piqa", 0, 4)])
+    finally:
+        other.close()
+    assert store.db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 0
+
+
+def test_a_missing_ray_is_one_line(monkeypatch):
+    from ggufloop.eval import cluster
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ClusterError, match=r"pip install 'ggufloop\[cluster\]'"):
+        cluster._import_ray()
