@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..eval.store import DEFAULT_DB
-from .options import plan_from, plan_options, quiet_llama_logs
+from .options import plan_from, plan_options, quiet_llama_logs, store_options
 
 
 @click.command("eval")
@@ -23,24 +22,9 @@ from .options import plan_from, plan_options, quiet_llama_logs
 )
 @plan_options(required=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N items of each task.")
-@click.option(
-    "--shots", type=click.IntRange(0), default=None, help="Few-shot examples (default: the paper's per task)."
-)
-@click.option(
-    "--db",
-    type=click.Path(dir_okay=False),
-    default=str(DEFAULT_DB),
-    show_default=True,
-    help="Results database (resumes from it).",
-)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("--threads", "-t", type=click.IntRange(1), default=None)
-@click.option(
-    "--cluster",
-    default=None,
-    metavar="ADDRESS",
-    help="Score on this Ray cluster (an address, or auto); --threads is then per unit of work (default 1).",
-)
+@store_options
 def command(
     model: str,
     tasks: str,

@@ -100,6 +100,33 @@ def writable_file(path: str | Path) -> Path:
     return out
 
 
+def store_options(fn: Callable) -> Callable:
+    """--shots, --db and --cluster: the options of every command that scores benchmark items."""
+    from ..eval.store import DEFAULT_DB
+
+    options = [
+        click.option(
+            "--shots", type=click.IntRange(0), default=None, help="Few-shot examples (default: the paper's per task)."
+        ),
+        click.option(
+            "--db",
+            type=click.Path(dir_okay=False),
+            default=str(DEFAULT_DB),
+            show_default=True,
+            help="Results database (resumes from it: nothing is scored twice).",
+        ),
+        click.option(
+            "--cluster",
+            default=None,
+            metavar="ADDRESS",
+            help="Score on this Ray cluster (an address, or auto); --threads is then per unit of work (default 1).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def runtime_options(fn: Callable) -> Callable:
     """Options shared by every command that runs a model (the plan options included)."""
     options = [

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import PlanError, TaskError
-from ..eval.store import DEFAULT_DB, Store, Unit
+from ..eval.store import Store, Unit
 from ..plan import LoopPlan, Mix
+from .options import store_options
 
 if TYPE_CHECKING:
     from ..eval.cluster import ClusterConfig
@@ -34,18 +35,10 @@ if TYPE_CHECKING:
 @click.option("--starts", default=None, metavar="S0:S1", help="Window of first layers (default: all).")
 @click.option("--sizes", default=None, metavar="M0:M1", help="Window of block sizes (default: all).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N items.")
-@click.option("--shots", type=click.IntRange(0), default=None)
 @click.option("--jobs", "-j", type=click.IntRange(1), default=1, show_default=True, help="Worker processes.")
 @click.option("--threads", "-t", type=click.IntRange(1), default=None, help="Threads in all (split over jobs).")
-@click.option("--db", type=click.Path(dir_okay=False), default=str(DEFAULT_DB), show_default=True)
-@click.option(
-    "--cluster",
-    default=None,
-    metavar="ADDRESS",
-    help="Score on this Ray cluster (an address, or auto) instead of --jobs local workers; --threads is then "
-    "per unit of work (default 1).",
-)
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="results", show_default=True)
+@store_options
 def command(
     model: str,
     task: str,

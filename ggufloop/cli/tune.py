@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..eval.store import DEFAULT_DB
-from .options import parse_counts, parse_mixes, quiet_llama_logs, writable_file
+from .options import parse_counts, parse_mixes, quiet_llama_logs, store_options, writable_file
 
 
 def report(res) -> str:
@@ -117,16 +116,6 @@ def report(res) -> str:
 @click.option("--grid", is_flag=True, help="Score every candidate on every search item (the cost reference).")
 @click.option("--limit", type=click.IntRange(2), default=None, help="Use only the first N items of each task.")
 @click.option(
-    "--shots", type=click.IntRange(0), default=None, help="Few-shot examples (default: the paper's per task)."
-)
-@click.option(
-    "--db",
-    type=click.Path(dir_okay=False),
-    default=str(DEFAULT_DB),
-    show_default=True,
-    help="Results database (resumes from it).",
-)
-@click.option(
     "--json",
     "json_out",
     type=click.Path(dir_okay=False),
@@ -142,12 +131,7 @@ def report(res) -> str:
     help="Write the winning plan into a copy of the model (nothing when no plan wins).",
 )
 @click.option("--threads", "-t", type=click.IntRange(1), default=None)
-@click.option(
-    "--cluster",
-    default=None,
-    metavar="ADDRESS",
-    help="Score on this Ray cluster (an address, or auto); --threads is then per unit of work (default 1).",
-)
+@store_options
 def command(
     model: str,
     tasks: str,
