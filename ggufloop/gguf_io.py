@@ -213,6 +213,8 @@ def _write(
         if value is DROP:
             continue
         val_type = field.types[0]
+        if val_type == gguf.GGUFValueType.ARRAY and len(value) == 0:
+            continue  # the gguf package cannot write an empty array; llama.cpp reads none as empty
         sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, value, val_type, sub_type=sub_type)
     add(writer)
@@ -250,6 +252,9 @@ def write_plan(src: str | Path, dst: str | Path, plan: LoopPlan) -> Path:
 # layers' weights copied; the independent reference of the tests and a variant of the benchmark
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
+# arrays of a fixed length, which a model with as many layers must not have remapped
+_NOT_PER_LAYER = (".rope.dimension_sections",)
+
 # llama.cpp's period of sliding-window layers when a file has a window but no pattern key
 _DEFAULT_SWA_PERIOD = {"gemma3": 6}
 
@@ -280,7 +285,8 @@ def write_duplicated(src: str | Path, dst: str | Path, schedule: list[int]) -> P
             return len(schedule)
         if name == f"{arch}.attention.sliding_window_pattern":
             return DROP  # written anew below, one flag per layer
-        if isinstance(value, list) and name.startswith(f"{arch}.") and len(value) == n_layer:
+        per_layer = name.startswith(f"{arch}.") and not name.endswith(_NOT_PER_LAYER)
+        if isinstance(value, list) and per_layer and len(value) == n_layer:
             return [value[il] for il in schedule]  # a per-layer hyperparameter
         return value
 

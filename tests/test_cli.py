@@ -114,7 +114,7 @@ def test_bad_input_is_one_line_and_exit_1(tiny_models, tmp_path, args, message):
     llama = tiny_models["llama"][2]
     (tmp_path / "notgguf").write_text("hello")
     (tmp_path / "truncated").write_bytes(llama.read_bytes()[: llama.stat().st_size // 2])
-    unsupported = write_model(tmp_path / "smollm3.gguf", Spec("smollm3"), make_weights(Spec("llama")))
+    unsupported = write_model(tmp_path / "refact.gguf", Spec("refact"), make_weights(Spec("llama")))
     paths = {
         "notgguf": tmp_path / "notgguf",
         "truncated": tmp_path / "truncated",

@@ -27,11 +27,21 @@ def rows(model: str) -> list[tuple[str, str]]:
 
 
 @click.command("info")
-@click.argument("model")
-def command(model: str) -> None:
+@click.argument("model", required=False)
+@click.option("--archs", is_flag=True, help="List the architectures the backend can loop, one a line, and exit.")
+def command(model: str | None, archs: bool) -> None:
     """Show a model's architecture, layers, width, quantization, size and stored plan.
 
     MODEL is a GGUF file, a packaged model name, hf:ORG/REPO[:QUANT] or ollama:NAME[:TAG] (see `ggufloop models list`).
     """
+    if archs:
+        from .._lib import require_patched, supported_archs
+
+        require_patched()
+        for arch in supported_archs():
+            click.echo(arch)
+        return
+    if model is None:
+        raise click.UsageError("give a MODEL, or --archs")
     for key, value in rows(model):
         click.echo(f"{key:>18}: {value}")
