@@ -159,3 +159,17 @@ def test_designs_that_cannot_be_repeated_are_refused(tmp_path, name, values, rea
     for plan in ("1:3x2", "0:2,1:4"):
         with pytest.raises(BackendError, match=reason):
             open_model(path, plan, n_ctx=256)
+
+
+def test_the_documented_list_is_the_backends():
+    """README.md and docs/architectures.md list exactly what the backend allows (make archs-doc)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("archs_doc", root / "scripts" / "archs_doc.py")
+    doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(doc)
+    archs = _lib.supported_archs()
+    assert doc.readme_block(archs) in (root / "README.md").read_text()
+    assert (root / "docs" / "architectures.md").read_text().startswith(doc.page(archs))
