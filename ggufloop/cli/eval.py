@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..eval.store import DEFAULT_DB
-from .options import plan_from, plan_options, quiet_llama_logs
+from .options import placement_options, plan_from, plan_options, quiet_llama_logs
 
 
 @click.command("eval")
@@ -35,6 +35,7 @@ from .options import plan_from, plan_options, quiet_llama_logs
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("--threads", "-t", type=click.IntRange(1), default=None)
+@placement_options
 def command(
     model: str,
     tasks: str,
@@ -45,19 +46,24 @@ def command(
     db: str,
     json_out: str | None,
     threads: int | None,
+    n_gpu_layers: int | None,
+    rpc: str | None,
+    tensor_split: str | None,
 ) -> None:
     """Score MODEL on benchmarks with and without a loop plan, item by item, resumably."""
     from ..eval.evaluate import comparison_table, evaluate
     from ..eval.tasks import resolve_tasks
     from ..models import resolve
+    from ..rpc import Placement
 
+    placement = Placement.from_options(rpc, tensor_split, n_gpu_layers)
     quiet_llama_logs()
     plan = plan_from(loop, mix)
     task_list = resolve_tasks(tasks)
     path = resolve(model)
     total = 2 * sum(len(t.items(shots, limit)) for t in task_list)
     with click.progressbar(length=total, label="scoring", file=sys.stderr, show_eta=True) as bar:
-        results = evaluate(path, task_list, plan, shots, limit, db, threads, progress=bar.update)
+        results = evaluate(path, task_list, plan, shots, limit, db, threads, progress=bar.update, placement=placement)
     click.echo(f"\n{path.name}: plan {plan} against the unlooped model (paired bootstrap 95% CI, exact McNemar p)\n")
     click.echo(comparison_table(results))
     for r in results:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..plan import LoopPlan
+from ..rpc import Placement
 from .scoring import Scorer, accuracy
 from .stats import Comparison, compare
 from .store import Row, Store, Unit
@@ -83,13 +84,15 @@ def evaluate(
     db: str | Path | None = None,
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    placement: Placement | None = None,
 ) -> list[dict]:
-    """Baseline and plan on every task: accuracies and the paired comparison of acc and acc_norm."""
+    """Baseline and plan on every task: accuracies and the paired comparison of acc and acc_norm.
+    ``placement``: where the model's layers run (local by default; RPC servers, ``ggufloop.rpc``)."""
     store = Store(db) if db else Store()
     store.check_writable()
     sha = store.model_sha(model)
     plan = LoopPlan.parse(plan)
-    scorer = Scorer(str(model), None, threads=threads)
+    scorer = Scorer(str(model), None, threads=threads, placement=placement)
     out = []
     try:
         base_rows = {t.name: run_unit(scorer, store, sha, t, shots, limit, progress) for t in tasks}
