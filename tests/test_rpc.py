@@ -251,6 +251,34 @@ def test_split_logits_equal_local(tiny_models, two_servers, plan):
         assert "Accepted client connection" in server.log.read_text()
 
 
+def test_benchmark_scoring_split_equals_local(tiny_models, two_servers):
+    """eval's scorer (a side context with several sequences sharing their items' contexts by
+    sequence copies) gives the same log-likelihoods when the model is split."""
+    from ggufloop.eval.scoring import Scorer
+    from ggufloop.eval.tasks import Item
+
+    items = [Item(f"q{i}", (f"Question {i}: is it so?",), (" yes", " no", " perhaps not"), 0) for i in range(5)]
+    path = str(tiny_models["llama"][2])
+    scores = {}
+    for name, placement in (
+        ("local", None),
+        ("split", rpc.Placement(tuple(s.endpoint for s in two_servers), NGL, tuple(SPLIT))),
+    ):
+        scorer = Scorer(path, "2:6x3/uniform", n_ctx=512, n_batch=128, n_seq=8, kv_type=0, placement=placement)
+        try:
+            scores[name] = scorer.score(items)
+        finally:
+            scorer.close()
+    assert np.allclose(scores["split"], scores["local"], rtol=1e-6, atol=0)
+
+
+def test_serve_with_a_stopped_server_is_one_error_line(tiny_models):
+    port = free_port()
+    res = CliRunner().invoke(main, ["serve", str(tiny_models["llama"][2]), "-c", "256", "--rpc", f"127.0.0.1:{port}"])
+    assert res.exit_code == 1
+    assert f"error: cannot reach the RPC server 127.0.0.1:{port}" in res.output
+
+
 def test_tensor_split_needs_one_share_per_device(tiny_models, two_servers):
     endpoints = ",".join(s.endpoint for s in two_servers)
     with pytest.raises(OptionError, match="3 values for 2 devices"):

@@ -113,6 +113,8 @@ def command(
     )
     for model_id, plan in ids.items():
         click.echo(f"  model {model_id}: plan {plan}", err=True)
+    for device in engine.llm.devices:
+        click.echo(f"  offloading to {device}", err=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: serving on {host} without an API key: anyone who can reach it can use it", err=True)
     try:
