@@ -34,8 +34,9 @@ class LoopedLlama(llama_cpp.Llama):
 
     ``rpc`` (``"host:port,host:port"`` or a list) splits the model over llama.cpp RPC servers
     (see ``ggufloop.rpc``): the model offloads to their devices, then to the local GPUs
-    (``devices``), with Llama's own ``n_gpu_layers`` (layers off the local CPU) and
-    ``tensor_split`` (each device's share). Without it, the model uses the local devices only.
+    (``devices``), with Llama's own ``n_gpu_layers`` (layers off the local CPU; -1, all, unless
+    given) and ``tensor_split`` (each device's share). Without it, the model uses the local
+    devices only.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class LoopedLlama(llama_cpp.Llama):
         if rpc:
             from .rpc import model_devices
 
+            kwargs.setdefault("n_gpu_layers", -1)  # Llama's default, 0, would leave the servers unused
             split = kwargs.get("tensor_split")
             self._devices = model_devices(rpc, tuple(split) if split is not None else None)
         try:

@@ -279,6 +279,27 @@ def test_serve_with_a_stopped_server_is_one_error_line(tiny_models):
     assert f"error: cannot reach the RPC server 127.0.0.1:{port}" in res.output
 
 
+def test_plan_switch_on_a_split_model(tiny_models, two_servers):
+    """set_loop on a split model (a new context: KV caches and compute buffers on the servers
+    again) gives the new plan's all-local logits; n_gpu_layers defaults to all with rpc."""
+    path = tiny_models["llama"][2]
+    want = {plan: None for plan in ("1:5x2/ema:0.3", "0:6,2:5")}
+    for plan in want:
+        local = open_model(path, loop=plan)
+        try:
+            want[plan] = eval_logits(local, PROMPT)
+        finally:
+            local.close()
+    split = open_model(path, loop="2:6x3/uniform", rpc=",".join(s.endpoint for s in two_servers))
+    try:
+        assert split.model_params.n_gpu_layers > split.n_layer_phys  # every layer and the output on the servers
+        for plan, logits in want.items():
+            split.set_loop(plan)
+            assert np.array_equal(eval_logits(split, PROMPT), logits), plan
+    finally:
+        split.close()
+
+
 def test_tensor_split_needs_one_share_per_device(tiny_models, two_servers):
     endpoints = ",".join(s.endpoint for s in two_servers)
     with pytest.raises(OptionError, match="3 values for 2 devices"):

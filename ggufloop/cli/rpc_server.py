@@ -33,6 +33,7 @@ def command(host: str, port: int, threads: int | None, device: str | None, cache
     and no encryption: keep the server on loopback, or on a private network that only your
     machines can reach, and never on an open network. It serves one client at a time.
 
+    \b
       ggufloop rpc-server                                   # this machine only, port 50052
       ggufloop rpc-server --host 192.168.1.10 --port 50052  # a private network
     """
