@@ -119,3 +119,50 @@ def quiet_logs() -> None:
 
     _log_sink = sink  # the C side keeps only a pointer
     _llama.llama_log_set(sink, ctypes.c_void_p(0))
+
+
+# -- ggml's backend registry (stock ggml API, in the libraries libllama links) -------------------
+# Used to split a model over RPC servers (ggufloop.rpc): llama-cpp-python ignores its rpc_servers
+# parameter, so ggufloop registers the remote devices itself. ggml_backend_reg_t and
+# ggml_backend_dev_t are opaque pointers.
+
+
+def _declare_ggml(name: str, argtypes: list, restype):
+    if not hasattr(_lib, name):
+        return None
+    fn = getattr(_lib, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU = 0, 1, 2
+
+ggml_backend_reg_by_name = _declare_ggml("ggml_backend_reg_by_name", [ctypes.c_char_p], ctypes.c_void_p)
+ggml_backend_reg_name = _declare_ggml("ggml_backend_reg_name", [ctypes.c_void_p], ctypes.c_char_p)
+ggml_backend_reg_get_proc_address = _declare_ggml(
+    "ggml_backend_reg_get_proc_address", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p
+)
+ggml_backend_reg_dev_count = _declare_ggml("ggml_backend_reg_dev_count", [ctypes.c_void_p], ctypes.c_size_t)
+ggml_backend_reg_dev_get = _declare_ggml(
+    "ggml_backend_reg_dev_get", [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p
+)
+ggml_backend_dev_count = _declare_ggml("ggml_backend_dev_count", [], ctypes.c_size_t)
+ggml_backend_dev_get = _declare_ggml("ggml_backend_dev_get", [ctypes.c_size_t], ctypes.c_void_p)
+ggml_backend_dev_name = _declare_ggml("ggml_backend_dev_name", [ctypes.c_void_p], ctypes.c_char_p)
+ggml_backend_dev_description = _declare_ggml("ggml_backend_dev_description", [ctypes.c_void_p], ctypes.c_char_p)
+ggml_backend_dev_type = _declare_ggml("ggml_backend_dev_type", [ctypes.c_void_p], ctypes.c_int)
+ggml_backend_dev_backend_reg = _declare_ggml("ggml_backend_dev_backend_reg", [ctypes.c_void_p], ctypes.c_void_p)
+ggml_backend_dev_memory = _declare_ggml(
+    "ggml_backend_dev_memory",
+    [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)],
+    None,
+)
+
+# ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint);  (via get_proc_address)
+ggml_backend_rpc_add_server_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
+
+# typedef void (*ggml_abort_callback_t)(const char * error_message);
+# ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback);
+ggml_abort_callback_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+ggml_set_abort_callback = _declare_ggml("ggml_set_abort_callback", [ggml_abort_callback_t], ctypes.c_void_p)

@@ -37,3 +37,7 @@ class StoreError(UserError, RuntimeError):
 
 class OptionError(UserError, ValueError):
     """An option whose value does not fit the model or the machine (a context larger than either)."""
+
+
+class RpcError(UserError, RuntimeError):
+    """An RPC server (``--rpc``) that cannot be reached, spoken to or used as asked."""

@@ -20,6 +20,7 @@ from . import _lib
 from .errors import BackendError
 from .gguf_io import metadata, open_gguf
 from .plan import LoopPlan, Mix
+from .rpc import loading_with_devices
 
 # (token, position, sequence, wants logits)
 Entry = tuple[int, int, int, bool]
@@ -30,17 +31,37 @@ class LoopedLlama(llama_cpp.Llama):
 
     ``loop`` is a LoopPlan, its notation (``"10:15x3/uniform"``) or None (the plan stored in
     the file, if any). The plan the backend actually runs is read back: ``plan``, ``schedule``.
+
+    ``rpc`` (``"host:port,host:port"`` or a list) splits the model over llama.cpp RPC servers
+    (see ``ggufloop.rpc``): the model offloads to their devices, then to the local GPUs
+    (``devices``), with Llama's own ``n_gpu_layers`` (layers off the local CPU; -1, all, unless
+    given) and ``tensor_split`` (each device's share). Without it, the model uses the local
+    devices only.
     """
 
-    def __init__(self, model_path: str, *, loop: LoopPlan | str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        loop: LoopPlan | str | None = None,
+        rpc: str | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         _lib.require_patched()
         broken = broken_chat_templates(metadata(open_gguf(model_path)))
         overrides = dict(kwargs.pop("kv_overrides", None) or {})
         if loop is not None:
             overrides.update(LoopPlan.parse(loop).kv_overrides())
         kwargs.setdefault("verbose", False)
+        self._devices = None
+        if rpc:
+            from .rpc import model_devices
+
+            kwargs.setdefault("n_gpu_layers", -1)  # Llama's default, 0, would leave the servers unused
+            split = kwargs.get("tensor_split")
+            self._devices = model_devices(rpc, tuple(split) if split is not None else None)
         try:
-            with _tolerate_broken_templates(broken):
+            with _tolerate_broken_templates(broken), loading_with_devices(self._devices):
                 super().__init__(model_path, kv_overrides=overrides or None, **kwargs)
         except ValueError as err:
             reason = _lib.last_error()
@@ -53,6 +74,13 @@ class LoopedLlama(llama_cpp.Llama):
             super().close()
 
     # -- what the backend runs --------------------------------------------------------------
+
+    @property
+    def devices(self) -> list:
+        """The devices the model offloads layers to, in llama.cpp's order (``ggufloop.rpc.Device``):
+        the RPC servers' devices, then the local GPUs, when the model was split with ``rpc``; else []
+        (llama.cpp's default choice of local devices)."""
+        return list(self._devices.devices) if self._devices is not None else []
 
     @property
     def n_layer_phys(self) -> int:

@@ -84,6 +84,10 @@ PLAN_FIELDS = frozenset(
         "lora_path",
         "lora_base",
         "n_gpu_layers",
+        "rpc",
+        "rpc_servers",
+        "tensor_split",
+        "devices",
     }
 )
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+@~-]+){2,}[\\/]?")
@@ -98,7 +102,8 @@ class ServeConfig:
 
     ``plans`` maps a name to a plan (``--plan NAME=PLAN``); ``default`` is the plan served under
     the plain stem (None: the unlooped model). ``api_key``: requests must carry
-    ``Authorization: Bearer <api_key>`` (None: no key asked).
+    ``Authorization: Bearer <api_key>`` (None: no key asked). ``rpc`` and ``tensor_split``: the
+    model split over llama.cpp RPC servers (``ggufloop.rpc``), ``n_gpu_layers`` layers off the CPU.
     """
 
     model_path: Path
@@ -106,6 +111,8 @@ class ServeConfig:
     default: LoopPlan | None = None
     n_ctx: int = 2048
     n_gpu_layers: int = 0
+    rpc: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] | None = None
     threads: int | None = None
     seed: int = llama_cpp.LLAMA_DEFAULT_SEED
     api_key: str | None = None
@@ -317,7 +324,11 @@ class PlanServer:
 def _open(config: ServeConfig, plan: LoopPlan) -> LoopedLlama:
     """The server's one LoopedLlama, running plan (a general schedule too long for a metadata
     override is set after loading)."""
-    extra = {"n_threads": config.threads, "n_threads_batch": config.threads} if config.threads else {}
+    extra: dict[str, Any] = {"n_threads": config.threads, "n_threads_batch": config.threads} if config.threads else {}
+    if config.rpc:
+        extra["rpc"] = ",".join(config.rpc)
+    if config.tensor_split is not None:
+        extra["tensor_split"] = list(config.tensor_split)
     try:
         plan.kv_overrides()
         first = plan

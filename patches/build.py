@@ -33,7 +33,18 @@ BACKEND_FLAGS = {
     "metal": ["-DGGML_METAL=on"],
     "cuda": ["-DGGML_CUDA=on"],
 }
-COMMON_FLAGS = ["-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+# the RPC backend (a model split over machines, `--rpc`), without the RDMA transport: it would link
+# libibverbs whenever the build machine has it, and the wheel would not load where it does not
+COMMON_FLAGS = [
+    "-DLLAVA_BUILD=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DGGML_RPC=ON",
+    "-DGGML_RPC_RDMA=OFF",
+]
+# builds llama.cpp's rpc-server in the same CMake build and puts it into the wheel (see the file);
+# passed by content in the cache key, by path to CMake
+RPC_SERVER_HOOK = PATCHES / "rpc-server.cmake"
 # ggml's AMX kernels (picked by -march=native on Sapphire Rapids and later) die with SIGILL where the
 # OS or hypervisor does not enable AMX tiles, as on the machines this project is tested on
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -92,6 +103,7 @@ def series() -> list[Path]:
 def cache_key(patches: list[tuple[str, bytes]], backend: str, flags: list[str]) -> str:
     h = hashlib.sha256()
     parts = [SDIST_SHA256] + [f"{name}:{data.hex()}" for name, data in patches]
+    parts.append(f"{RPC_SERVER_HOOK.name}:{RPC_SERVER_HOOK.read_bytes().hex()}")
     for part in parts + [
         backend,
         " ".join(flags),
@@ -122,6 +134,7 @@ def build_wheel(sdist: Path, patches: list[tuple[str, bytes]], flags: list[str],
                 f"(after {', '.join(n for n, _ in patches[: patches.index((name, data))]) or 'no other patch'}):\n"
                 f"{proc.stdout.decode()}{proc.stderr.decode()}"
             )
+    flags = flags + [f"-DCMAKE_PROJECT_llama_cpp_INCLUDE={RPC_SERVER_HOOK.as_posix()}"]
     env = dict(os.environ, CMAKE_ARGS=shlex.join(flags))
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     out.mkdir(parents=True, exist_ok=True)

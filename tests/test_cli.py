@@ -43,6 +43,7 @@ def test_help_on_every_command():
         ["generate"],
         ["bake"],
         ["serve"],
+        ["rpc-server"],
         ["models"],
         ["models", "fetch"],
         ["eval"],

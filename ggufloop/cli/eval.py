@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .options import plan_from, plan_options, quiet_llama_logs, store_options
+from .options import placement_options, plan_from, plan_options, quiet_llama_logs, store_options
 
 
 @click.command("eval")
@@ -25,6 +25,7 @@ from .options import plan_from, plan_options, quiet_llama_logs, store_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 @click.option("--threads", "-t", type=click.IntRange(1), default=None)
 @store_options
+@placement_options
 def command(
     model: str,
     tasks: str,
@@ -36,13 +37,18 @@ def command(
     json_out: str | None,
     threads: int | None,
     cluster: str | None,
+    n_gpu_layers: int | None,
+    rpc: str | None,
+    tensor_split: str | None,
 ) -> None:
     """Score MODEL on benchmarks with and without a loop plan, item by item, resumably."""
     from ..eval.cluster import ClusterConfig
     from ..eval.evaluate import comparison_table, evaluate
     from ..eval.tasks import resolve_tasks
     from ..models import resolve
+    from ..rpc import Placement
 
+    placement = Placement.from_options(rpc, tensor_split, n_gpu_layers)
     quiet_llama_logs()
     plan = plan_from(loop, mix)
     task_list = resolve_tasks(tasks)
@@ -50,7 +56,9 @@ def command(
     total = 2 * sum(len(t.items(shots, limit)) for t in task_list)
     with click.progressbar(length=total, label="scoring", file=sys.stderr, show_eta=True) as bar:
         on = ClusterConfig(cluster, threads or 1) if cluster else None
-        results = evaluate(path, task_list, plan, shots, limit, db, threads, progress=bar.update, cluster=on)
+        results = evaluate(
+            path, task_list, plan, shots, limit, db, threads, progress=bar.update, cluster=on, placement=placement
+        )
     click.echo(f"\n{path.name}: plan {plan} against the unlooped model (paired bootstrap 95% CI, exact McNemar p)\n")
     click.echo(comparison_table(results))
     for r in results:

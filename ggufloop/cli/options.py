@@ -127,6 +127,33 @@ def store_options(fn: Callable) -> Callable:
     return fn
 
 
+RPC_HELP = (
+    "Split the model over llama.cpp RPC servers (started with `ggufloop rpc-server` on each machine): "
+    "their devices take the offloaded layers, then this machine's GPUs."
+)
+NGL_HELP = (
+    "Physical layers taken off this machine's CPU, onto its GPUs and the --rpc servers; the first "
+    "layers stay on the CPU (-1: all). Default: 0, or -1 with --rpc."
+)
+TENSOR_SPLIT_HELP = (
+    "Each device's share of the offloaded layers, in device order (the --rpc servers' devices, then "
+    "this machine's GPUs), e.g. 3,1. Default: by free memory."
+)
+
+
+def placement_options(fn: Callable) -> Callable:
+    """--rpc HOST:PORT[,...], --tensor-split and -ngl; the command receives them as ``rpc``,
+    ``tensor_split`` and ``n_gpu_layers`` (combine them with ``Placement.from_options``)."""
+    options = [
+        click.option("--n-gpu-layers", "-ngl", type=int, default=None, help=NGL_HELP),
+        click.option("--rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]", help=RPC_HELP),
+        click.option("--tensor-split", default=None, metavar="SHARES", help=TENSOR_SPLIT_HELP),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def runtime_options(fn: Callable) -> Callable:
     """Options shared by every command that runs a model (the plan options included)."""
     options = [
@@ -141,20 +168,12 @@ def runtime_options(fn: Callable) -> Callable:
             help="Context size in tokens, at most the model's trained context (default: 2048, or the trained "
             "context when it is smaller).",
         ),
-        click.option(
-            "--n-gpu-layers",
-            "-ngl",
-            type=int,
-            default=0,
-            show_default=True,
-            help="Physical layers to offload to the GPU (-1: all).",
-        ),
         click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
         click.option("--verbose", "-v", is_flag=True, help="Show llama.cpp's logs."),
     ]
     for option in reversed(options):
         fn = option(fn)
-    return plan_options()(fn)
+    return plan_options()(placement_options(fn))
 
 
 def quiet_llama_logs() -> None:
@@ -170,16 +189,20 @@ def load(
     mix: str | None,
     threads: int | None,
     ctx_size: int | None,
-    n_gpu_layers: int,
+    n_gpu_layers: int | None,
     seed: int,
     verbose: bool,
+    rpc: str | None = None,
+    tensor_split: str | None = None,
     **extra: Any,
 ) -> LoopedLlama:
-    """Resolve the model argument and open it with the plan the options ask for."""
+    """Resolve the model argument and open it with the plan and the placement the options ask for."""
     from ..gguf_io import model_info
     from ..models import resolve
+    from ..rpc import Placement
     from ..runtime import LoopedLlama
 
+    placement = Placement.from_options(rpc, tensor_split, n_gpu_layers)
     if not verbose:
         quiet_llama_logs()
     path = resolve(model)
@@ -193,9 +216,9 @@ def load(
         loop=plan,
         n_ctx=ctx_size,
         n_threads=threads,
-        n_gpu_layers=n_gpu_layers,
         seed=seed,
         verbose=verbose,
+        **placement.llama_kwargs(),
         **extra,
     )
 
@@ -220,5 +243,10 @@ def check_context(info: ModelInfo, n_ctx: int, depth: int) -> None:
 
 
 def describe(llm: LoopedLlama) -> str:
-    """One line on what the model runs."""
-    return f"plan {llm.plan}, virtual depth {llm.virtual_depth} of {llm.n_layer_phys} layers"
+    """One line on what the model runs (and where, when it is split over RPC servers)."""
+    where = (
+        f", offloaded to {', '.join(d.name + ' ' + (d.endpoint or 'local') for d in llm.devices)}"
+        if llm.devices
+        else ""
+    )
+    return f"plan {llm.plan}, virtual depth {llm.virtual_depth} of {llm.n_layer_phys} layers{where}"

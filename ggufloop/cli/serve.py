@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from ..plan import LoopPlan
-from .options import check_context, plan_from, plan_options
+from .options import check_context, placement_options, plan_from, plan_options
 
 API_KEY_ENV = "GGUFLOOP_API_KEY"  # ggufloop.server.API_KEY_ENV, repeated so --help needs no FastAPI
 
@@ -38,7 +38,7 @@ API_KEY_ENV = "GGUFLOOP_API_KEY"  # ggufloop.server.API_KEY_ENV, repeated so --h
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--ctx-size", "-c", type=click.IntRange(16), default=2048, show_default=True)
-@click.option("--n-gpu-layers", "-ngl", type=int, default=0, show_default=True)
+@placement_options
 @click.option("--threads", "-t", type=click.IntRange(1), default=None)
 @click.option("--verbose", "-v", is_flag=True)
 def command(
@@ -50,7 +50,9 @@ def command(
     host: str,
     port: int,
     ctx_size: int,
-    n_gpu_layers: int,
+    n_gpu_layers: int | None,
+    rpc: str | None,
+    tensor_split: str | None,
     threads: int | None,
     verbose: bool,
 ) -> None:
@@ -64,7 +66,9 @@ def command(
     from ..errors import BackendError, OptionError, PlanError
     from ..gguf_io import model_info
     from ..models import resolve
+    from ..rpc import Placement
 
+    placement = Placement.from_options(rpc, tensor_split, n_gpu_layers)
     try:
         import uvicorn
 
@@ -92,7 +96,9 @@ def command(
         plans=named,
         default=default,
         n_ctx=ctx_size,
-        n_gpu_layers=n_gpu_layers,
+        n_gpu_layers=placement.n_gpu_layers,
+        rpc=placement.rpc,
+        tensor_split=placement.tensor_split,
         threads=threads,
         api_key=api_key,
         verbose=verbose,
@@ -107,6 +113,8 @@ def command(
     )
     for model_id, plan in ids.items():
         click.echo(f"  model {model_id}: plan {plan}", err=True)
+    for device in engine.llm.devices:
+        click.echo(f"  offloading to {device}", err=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: serving on {host} without an API key: anyone who can reach it can use it", err=True)
     try:

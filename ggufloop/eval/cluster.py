@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import UserError
+from ..errors import OptionError, UserError
 from ..plan import LoopPlan
+from ..rpc import Placement
 from .store import Row, Store, Unit
 from .tasks import TASKS, FewshotPool
 
@@ -82,11 +83,18 @@ class Executor(Protocol):
 class LocalExecutor:
     """Units in this process, on one model load whose plan is switched as needed."""
 
-    def __init__(self, model: str | Path, store: Store, model_sha: str, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        store: Store,
+        model_sha: str,
+        threads: int | None = None,
+        placement: Placement | None = None,
+    ) -> None:
         from .scoring import Scorer
 
         self.store, self.model_sha = store, model_sha
-        self.scorer = Scorer(str(model), None, threads=threads)
+        self.scorer = Scorer(str(model), None, threads=threads, placement=placement)
 
     def run(self, requests: Sequence[Request], progress: Progress | None = None) -> list[Rows]:
         from .evaluate import run_unit
@@ -334,11 +342,19 @@ def _first_line(err: BaseException) -> str:
 
 
 def open_executor(
-    model: str | Path, store: Store, model_sha: str, threads: int | None, cluster: ClusterConfig | None
+    model: str | Path,
+    store: Store,
+    model_sha: str,
+    threads: int | None,
+    cluster: ClusterConfig | None,
+    placement: Placement | None = None,
 ) -> LocalExecutor | RayExecutor:
-    """The executor that --cluster asks for: Ray's when given, else this process."""
+    """The executor that --cluster asks for: Ray's when given, else this process (with the model's
+    layers where ``placement`` puts them)."""
     if cluster is None:
-        return LocalExecutor(model, store, model_sha, threads)
+        return LocalExecutor(model, store, model_sha, threads, placement)
+    if placement is not None:
+        raise OptionError("--rpc and --cluster do not go together: a cluster's workers load the model locally")
     return RayExecutor(cluster, worker_model(Path(model), model_sha), store)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..plan import LoopPlan
+from ..rpc import Placement
 from .scoring import Scorer, accuracy
 from .stats import Comparison, compare
 from .store import Row, Store, Unit
@@ -88,17 +89,19 @@ def evaluate(
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
     cluster: ClusterConfig | None = None,
+    placement: Placement | None = None,
 ) -> list[dict]:
     """Baseline and plan on every task: accuracies and the paired comparison of acc and acc_norm.
 
-    cluster: score the units on that Ray cluster instead of in this process (see cluster.py)."""
+    cluster: score the units on that Ray cluster instead of in this process (see cluster.py).
+    placement: where the model's layers run in this process (local by default; RPC servers, ``ggufloop.rpc``)."""
     from .cluster import Request, open_executor
 
     store = Store(db) if db else Store()
     store.check_writable()
     sha = store.model_sha(model)
     plan = LoopPlan.parse(plan)
-    executor = open_executor(model, store, sha, threads, cluster)
+    executor = open_executor(model, store, sha, threads, cluster, placement)
     out = []
     try:
         got = executor.run([Request(p, t.name, shots, limit) for p in ("none", str(plan)) for t in tasks], progress)

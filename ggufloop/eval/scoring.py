@@ -15,6 +15,7 @@ import numpy as np
 from .. import _lib
 from ..numeric import log_softmax
 from ..plan import LoopPlan
+from ..rpc import Placement
 from ..runtime import Entry, LoopedLlama, SideContext
 from .tasks import Item
 
@@ -47,9 +48,16 @@ class Scorer:
         n_seq: int = 16,
         threads: int | None = None,
         kv_type: int | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.llm = LoopedLlama(
-            model_path, loop=LoopPlan.parse(plan), n_ctx=64, n_batch=64, n_threads=threads, n_threads_batch=threads
+            model_path,
+            loop=LoopPlan.parse(plan),
+            n_ctx=64,
+            n_batch=64,
+            n_threads=threads,
+            n_threads_batch=threads,
+            **(placement.llama_kwargs() if placement else {}),
         )
         self.n_ctx, self.n_batch, self.n_seq, self.kv_type = n_ctx, n_batch, n_seq, kv_type
         self.ctx: SideContext | None = None
