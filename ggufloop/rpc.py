@@ -27,6 +27,8 @@ Two behaviours of llama.cpp's RPC client shape this module:
   that no longer answer, and exit status 1, instead of SIGABRT and a backtrace.
 - An rpc-server serves one client connection at a time; a second client waits. The probe's
   timeout says so instead of hanging.
+- It sets no keep-alive or timeout on its sockets, so a server whose machine vanished would be
+  waited for forever; on Linux, ``watch_connections`` sets them on its connections.
 
 The protocol has no authentication and no encryption: anyone who can reach a server's port can
 allocate its memory and run computations on it. Keep servers on loopback or a private network.
@@ -38,6 +40,7 @@ import contextlib
 import ctypes
 import os
 import socket
+import stat
 import struct
 import sys
 from collections.abc import Iterator, Sequence
@@ -53,6 +56,11 @@ PROTOCOL_MAJOR, PROTOCOL_MINOR = 7, 0
 _CMD_HELLO = 14
 _CONN_CAPS_SIZE = 24  # ggml/src/ggml-rpc/transport.h; zeros: plain TCP
 PROBE_TIMEOUT_S = 10.0
+# TCP keep-alive on llama.cpp's connections (Linux): a server whose machine vanished without closing
+# the connection is found within about idle + interval * count seconds, and data it never
+# acknowledges fails the connection after USER_TIMEOUT_MS; either ends in the one-line error below
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
+USER_TIMEOUT_MS = 30_000
 
 SECURITY_WARNING = (
     "warning: llama.cpp's RPC protocol has no authentication and no encryption: anyone who can reach "
@@ -261,6 +269,53 @@ def remote_devices(servers: str | Sequence[str], timeout: float = PROBE_TIMEOUT_
     return out
 
 
+def _peer_sockets(endpoints: Sequence[Endpoint]) -> Iterator[socket.socket]:
+    """This process's TCP connections to the endpoints (Linux), as duplicates of their descriptors:
+    the connections llama.cpp's RPC client opened, which Python cannot reach otherwise."""
+    targets = set()
+    for e in endpoints:
+        with contextlib.suppress(OSError):
+            targets |= {info[4][:2] for info in socket.getaddrinfo(e.host, e.port, socket.AF_INET, socket.SOCK_STREAM)}
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM and sock.getpeername() in targets:
+                yield sock
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+def watch_connections(endpoints: Sequence[Endpoint]) -> int:
+    """Turn on TCP keep-alive and a user timeout on llama.cpp's connections to the servers (Linux;
+    elsewhere nothing); returns how many were found. llama.cpp sets neither, so without them a
+    server whose machine vanished (power lost, network cut) leaves the client waiting in recv().
+    Call it once a model and its context exist: llama.cpp opens a connection when a buffer or a
+    backend first needs it and keeps it while any of them lives."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    n = 0
+    for sock in _peer_sockets(endpoints):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+            n += 1
+    return n
+
+
 @dataclass
 class DeviceList:
     """The devices a model offloads to, in llama.cpp's order, and the NULL-terminated array of their
@@ -268,6 +323,7 @@ class DeviceList:
 
     devices: list[Device]
     array: ctypes.Array
+    endpoints: tuple[Endpoint, ...] = ()
 
     @property
     def pointer(self) -> int:
@@ -284,7 +340,7 @@ def model_devices(servers: str | Sequence[str], tensor_split: Sequence[float] | 
             f"({', '.join(d.name + ' ' + (d.endpoint or 'local') for d in devices)}): give one share per device"
         )
     array = (ctypes.c_void_p * (len(devices) + 1))(*[d.handle for d in devices], None)
-    return DeviceList(devices, array)
+    return DeviceList(devices, array, parse_servers(servers))
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from . import _lib
 from .errors import BackendError
 from .gguf_io import metadata, open_gguf
 from .plan import LoopPlan, Mix
-from .rpc import loading_with_devices
+from .rpc import loading_with_devices, model_devices, watch_connections
 
 # (token, position, sequence, wants logits)
 Entry = tuple[int, int, int, bool]
@@ -55,8 +55,6 @@ class LoopedLlama(llama_cpp.Llama):
         kwargs.setdefault("verbose", False)
         self._devices = None
         if rpc:
-            from .rpc import model_devices
-
             kwargs.setdefault("n_gpu_layers", -1)  # Llama's default, 0, would leave the servers unused
             split = kwargs.get("tensor_split")
             self._devices = model_devices(rpc, tuple(split) if split is not None else None)
@@ -68,6 +66,8 @@ class LoopedLlama(llama_cpp.Llama):
             if reason:
                 raise _lib.BackendError(reason) from None
             raise _lib.BackendError(f"llama.cpp could not load {model_path}: {err}") from None
+        if self._devices is not None:
+            watch_connections(self._devices.endpoints)  # found dead, not waited for, if a server's machine vanishes
 
     def close(self) -> None:
         if "_stack" in self.__dict__:  # __init__ may have refused before Llama set anything up

@@ -230,6 +230,15 @@ def test_split_logits_equal_local(tiny_models, two_servers, plan):
         split = open_model(path, loop=plan, rpc=endpoints, n_gpu_layers=NGL, tensor_split=SPLIT)
     try:
         assert [d.endpoint for d in split.devices] == [s.endpoint for s in two_servers]
+        if sys.platform.startswith("linux"):  # a vanished server machine is found by TCP, not waited for
+            watched = [
+                (
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                )
+                for sock in rpc._peer_sockets([rpc.Endpoint.parse(s.endpoint) for s in two_servers])
+            ]
+            assert watched == [(1, rpc.USER_TIMEOUT_MS)] * 2, watched
         got = eval_logits(split, PROMPT)
         stepwise = eval_logits(split, PROMPT, step=3)  # incremental decoding: the remote KV caches grow
     finally:
