@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ggufloop import BackendError, LoopedLlama, PlanError
+from ggufloop import BackendError, LoopedLlama, LoopPlan, PlanError
 from ggufloop.cli import main
 from ggufloop.errors import StoreError
 from ggufloop.eval.store import Store
@@ -339,3 +339,19 @@ def test_results_export_and_import_round_trip(tmp_path):
     with pytest.raises(StoreError, match="not a ggufloop results export"):
         b.import_rows(tmp_path / "bad.csv")
     b.close()
+
+
+def test_a_general_schedule_overrides_a_plan_baked_into_the_file(tiny_models, tmp_path):
+    from ggufloop.gguf_io import write_plan
+
+    baked = write_plan(tiny_models["llama"][2], tmp_path / "baked.gguf", LoopPlan.parse("1:3x2/uniform"))
+    llm = LoopedLlama(str(baked), loop="0:4,1:6", n_ctx=64)
+    try:
+        assert llm.schedule == [0, 1, 2, 3, 1, 2, 3, 4, 5] and str(llm.plan) == "0:4,1:6"
+    finally:
+        llm.close()
+    llm = LoopedLlama(str(baked), loop="none", n_ctx=64)
+    try:
+        assert llm.schedule == list(range(6)) and str(llm.plan) == "none"
+    finally:
+        llm.close()
