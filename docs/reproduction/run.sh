@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The reproduction study of docs/reproduction.md, resumable across machines and sessions.
+#
+# Every scored item goes to results/study.sqlite (not in git). The rows travel in git as
+# docs/reproduction/data/rows.csv.gz: this script imports them first, so nothing is scored twice,
+# and exports them again after every step, so a killed run loses at most the step in flight.
+#
+#   bash docs/reproduction/run.sh            # everything, in order of priority
+#   bash docs/reproduction/run.sh cost       # one part: cost | heatmap | heldout
+#
+# Threads: GGUFLOOP_THREADS (default 2). Caps on items and shots, and why, are in docs/reproduction.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+G=${GGUFLOOP:-.venv/bin/ggufloop}
+T=${GGUFLOOP_THREADS:-2}
+DB=results/study.sqlite
+OUT=docs/reproduction
+ROWS=$OUT/data/rows.csv.gz
+mkdir -p "$OUT/data" "$OUT/cost" "$OUT/heldout" results
+
+sync_rows() {  # import what git has, export what the database has
+    if [ -f "$ROWS" ]; then "$G" report --db "$DB" --import "$ROWS" >/dev/null; fi
+    "$G" report --db "$DB" --export "$ROWS" >/dev/null
+}
+
+cost() {  # tune against the full grid of the same 40 candidates on the same search items
+    local common="smollm2-135m-instruct --tasks winogrande --shots 0 --starts 8:18 --sizes 2:4 --counts 3 --mixes none,uniform -t $T"
+    "$G" tune $common --db "$DB" --json $OUT/cost/tune-halving.json > $OUT/cost/tune-halving.txt
+    sync_rows
+    "$G" tune $common --grid --db "$DB" --json $OUT/cost/tune-grid.json > $OUT/cost/tune-grid.txt
+    sync_rows
+}
+
+heatmap() {  # the paper's heat map: WinoGrande, K = 3, naive and uniform, the same blocks and items
+    for mix in none uniform; do
+        "$G" sweep gemma3-270m --task winogrande --count 3 --mix $mix --sizes 2:5 --shots 0 --limit 500 -t $T \
+            --db "$DB" -o $OUT
+        sync_rows
+    done
+    for mix in none uniform; do
+        "$G" sweep smollm2-135m-instruct --task winogrande --count 3 --mix $mix --sizes 2:6 --starts 4:24 --shots 0 \
+            --limit 500 -t $T --db "$DB" -o $OUT
+        sync_rows
+    done
+}
+
+heldout() {  # the plan tune selects per mix family, against the unlooped model on held-out items
+    local tasks=winogrande,arc_easy,arc_challenge,hellaswag
+    for model in gemma3-270m smollm2-135m-instruct qwen2.5-coder-0.5b-instruct; do
+        for mix in none uniform ema autoalign; do
+            "$G" tune $model --tasks $tasks --shots 0 --limit 1000 --counts 2,3 --mixes $mix -t $T --db "$DB" \
+                --json $OUT/heldout/tune-$model-$mix.json > $OUT/heldout/tune-$model-$mix.txt
+            sync_rows
+        done
+    done
+}
+
+sync_rows
+for part in ${@:-cost heatmap heldout}; do
+    "$part"
+done
+sync_rows
