@@ -79,6 +79,37 @@ llama_get_loop_mix = _declare(
     ctypes.c_char_p,
 )
 
+# int32_t llama_set_loop_rule(struct llama_context * ctx, const char * rule, float param,
+#                             const float * weights, int32_t n_weights);
+llama_set_loop_rule = _declare(
+    "llama_set_loop_rule",
+    [llama_context_p, ctypes.c_char_p, ctypes.c_float, ctypes.POINTER(ctypes.c_float), ctypes.c_int32],
+    ctypes.c_int32,
+)
+
+# const char * llama_get_loop_rule(const struct llama_context * ctx, float * param, float * weights,
+#                                  int32_t n_max, int32_t * n_weights);
+llama_get_loop_rule = _declare(
+    "llama_get_loop_rule",
+    [
+        llama_context_p,
+        ctypes.POINTER(ctypes.c_float),
+        ctypes.POINTER(ctypes.c_float),
+        ctypes.c_int32,
+        ctypes.POINTER(ctypes.c_int32),
+    ],
+    ctypes.c_char_p,
+)
+
+# int32_t llama_set_loop_decode(struct llama_context * ctx, const char * decode);
+llama_set_loop_decode = _declare("llama_set_loop_decode", [llama_context_p, ctypes.c_char_p], ctypes.c_int32)
+
+# const char * llama_get_loop_decode(const struct llama_context * ctx);
+llama_get_loop_decode = _declare("llama_get_loop_decode", [llama_context_p], ctypes.c_char_p)
+
+# void llama_set_loop_generating(struct llama_context * ctx, bool generating);
+llama_set_loop_generating = _declare("llama_set_loop_generating", [llama_context_p, ctypes.c_bool], None)
+
 # const char * llama_loop_last_error(void);
 llama_loop_last_error = _declare("llama_loop_last_error", [], ctypes.c_char_p)
 

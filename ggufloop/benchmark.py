@@ -3,8 +3,10 @@
 Every variant runs in its own process (the stock library and the patched one cannot share a
 process), with the same threads and flags; variants are interleaved and repeated and medians
 reported. Variants: stock llama-cpp-python (``make stock``), the patched build with no plan, the
-patched build with a plan at K = 2, 3, 4 (naive, and each mix at K = 3), and the stock build
-running a file whose layers are physically duplicated to the same schedule.
+patched build with a plan at K = 2, 3, 4 (naive, and each mix and rule at K = 3), and the stock
+build running a file whose layers are physically duplicated to the same schedule. Every looped
+variant of the patched build also times decoding under decode bypass (generated tokens run the
+block once), against the unlooped decode.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from .plan import LoopPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 STOCK_PYTHON = ROOT / ".venv-stock" / "bin" / "python"
-MIXES = tuple(m for m in PLAN_MIXES if m != "none")  # every mix is measured at K = 3
+# every mix and rule is measured at K = 3; a weight table costs what the paper-* rules cost (same ops)
+MIXES = tuple(m for m in PLAN_MIXES if m not in ("none", "weights"))
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Result:
     variant: str
     prefill_tps: list[float] = field(default_factory=list)
     decode_tps: list[float] = field(default_factory=list)
+    bypass_decode_tps: list[float] = field(default_factory=list)
     rss_mib: list[float] = field(default_factory=list)
     weights_mib: float = 0.0
     kv_mib: float = 0.0
@@ -87,7 +91,7 @@ def worker(spec: dict) -> dict:
     llama_cpp.llama_log_set(log, ctypes.c_void_p(0))  # Llama() installs its own logger
     tokens = [(i * 7919) % (llm.n_vocab() - 100) + 50 for i in range(n_prompt + n_decode)]
     llm.eval(tokens[:32])  # warm-up
-    prefill, decode = [], []
+    prefill, decode, bypass = [], [], []
     for _ in range(spec.get("inner", 3)):  # the best of a few: other load on the machine only slows runs down
         llm.reset()
         t0 = time.perf_counter()
@@ -98,10 +102,13 @@ def worker(spec: dict) -> dict:
         t2 = time.perf_counter()
         prefill.append(t1 - t0)
         decode.append(t2 - t1)
+        if spec.get("bypass"):
+            bypass.append(_bypass_decode(llm, tokens, n_prompt))
     kv_mib = sum(float(m) for m in re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB", "".join(lines)))
     out = {
         "prefill_tps": n_prompt / min(prefill),
         "decode_tps": n_decode / min(decode),
+        "bypass_decode_tps": n_decode / min(bypass) if bypass else None,
         "rss_mib": _rss_mib() - rss0,
         "weights_mib": llama_cpp.llama_model_size(llm.model) / 2**20,
         "kv_mib": kv_mib,
@@ -110,8 +117,26 @@ def worker(spec: dict) -> dict:
     return out
 
 
+def _bypass_decode(llm, tokens: list[int], n_prompt: int) -> float:
+    """Seconds to decode tokens[n_prompt:] again after the prompt, as generated tokens under decode bypass."""
+    from . import _lib
+
+    _lib.check(_lib.llama_set_loop_decode(llm.ctx, b"bypass"))
+    llm._ctx.kv_cache_seq_rm(-1, n_prompt, -1)
+    llm.n_tokens = n_prompt
+    _lib.llama_set_loop_generating(llm.ctx, True)
+    t0 = time.perf_counter()
+    for tok in tokens[n_prompt:]:
+        llm.eval([tok])
+    seconds = time.perf_counter() - t0
+    _lib.llama_set_loop_generating(llm.ctx, False)
+    _lib.check(_lib.llama_set_loop_decode(llm.ctx, b"full"))
+    return seconds
+
+
 def run_variant(v: Variant, threads: int, n_prompt: int, n_decode: int) -> dict:
     spec = {"model": v.model, "plan": v.plan, "threads": threads, "n_prompt": n_prompt, "n_decode": n_decode}
+    spec["bypass"] = v.python == sys.executable and LoopPlan.parse(v.plan).count > 1
     proc = subprocess.run(
         [v.python, "-m", "ggufloop.benchmark", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
     )
@@ -162,6 +187,10 @@ def summarize(results: dict[str, Result], vs: list[Variant]) -> list[dict]:
                 "decode_tps": round(d, 1),
                 "prefill_time_ratio": round(base[0] / p, 4),
                 "decode_time_ratio": round(base[1] / d, 4),
+                "bypass_decode_tps": round(statistics.median(r.bypass_decode_tps), 1) if r.bypass_decode_tps else None,
+                "bypass_vs_unlooped_decode": (
+                    round(base[1] / statistics.median(r.bypass_decode_tps), 4) if r.bypass_decode_tps else None
+                ),
                 "vs_ideal_prefill": round(base[0] / p / v.ideal, 4),
                 "vs_ideal_decode": round(base[1] / d / v.ideal, 4),
                 "vs_naive_prefill": round(naive[0] / p, 4) if naive else None,
@@ -184,6 +213,8 @@ def markdown(model: str, rows: list[dict], meta: dict) -> str:
         "ideal_ratio",
         "prefill_time_ratio",
         "decode_time_ratio",
+        "bypass_decode_tps",
+        "bypass_vs_unlooped_decode",
         "vs_naive_prefill",
         "vs_naive_decode",
         "speed_vs_stock_prefill",
@@ -261,7 +292,9 @@ def page(meta: dict, report: list[str]) -> str:
         "Reproduce: `make bench` (or `ggufloop bench MODEL ...`).",
         "",
         "Columns: `*_time_ratio` is the variant's time over the unlooped patched build's; `ideal_ratio` is "
-        "(L + (K-1)m)/L; `vs_naive_*` is a mix's time over naive looping on the same plan; `speed_vs_stock_*` is "
+        "(L + (K-1)m)/L; `bypass_decode_tps` is the decode speed of the looped variant under decode bypass "
+        "(generated tokens run the block once) and `bypass_vs_unlooped_decode` its time over the unlooped decode's; "
+        "`vs_naive_*` is a mix's time over naive looping on the same plan; `speed_vs_stock_*` is "
         "speed over the stock build's. Memory in MiB: weights and KV cache as llama.cpp reports them; "
         "`rss_mib` is the growth of the process's resident memory from before loading the model to after "
         "decoding (mapped weights that were touched, KV cache, compute buffers).",

@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 
 from .errors import ModelFileError, OptionError
-from .plan import LoopPlan, PlanError
+from .plan import KEY_WEIGHTS, LoopPlan, PlanError
 
 DROP = object()  # returned by an edit function to leave a field out
 
@@ -57,9 +57,13 @@ def architecture(reader: gguf.GGUFReader) -> str:
 
 
 def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """Scalar and string metadata as plain Python values (arrays left out)."""
+    """Scalar and string metadata as plain Python values (arrays left out, except the float32 array
+    ggufloop.loop.weights, as a list of floats)."""
     out: dict[str, Any] = {}
     for name, fld in reader.fields.items():
+        if name == KEY_WEIGHTS and fld.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32]:
+            out[name] = [float(fld.parts[i][0]) for i in fld.data]
+            continue
         if not fld.types or fld.types[0] == gguf.GGUFValueType.ARRAY:
             continue
         value = fld.parts[fld.data[0]]
@@ -242,6 +246,8 @@ def write_plan(src: str | Path, dst: str | Path, plan: LoopPlan) -> Path:
                 writer.add_uint32(key, int(value))
             elif kind == "float":
                 writer.add_float32(key, float(value))
+            elif kind == "floats":
+                writer.add_array(key, [float(v) for v in value])  # type: ignore[union-attr]
             else:
                 writer.add_string(key, str(value))
 

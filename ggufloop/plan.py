@@ -10,6 +10,12 @@ Notation (slice semantics, as everywhere in ggufloop):
   ``10:15x3/ema:0.3``    mixed by ``(1-beta)*reference + beta*current``, beta = 0.3
   ``10:15x3/autoalign:0.5`` softmax over passes of cos(reference, pass)/T, T = 0.5
   ``10:15x3/noise:7``    the paper's random-direction control, seed 7
+  ``10:15x6/anchored``   a block rule, once per pass at the block's last layer: ``euler[:h]``,
+                         ``anchored[:beta]``, ``inputanchor[:a]``
+  ``10:15x3/paper-ema``  the paper code's softmax'd rows: ``paper-no``, ``paper-uniform``, ``paper-ema[:beta]``
+  ``10:15x3/weights:w.json`` a per-layer weight table from a JSON or .npy file, or inline JSON
+                         (``weights:[[1,0],[0.5,0.5]]``); docs/method.md gives the layout
+  ``10:15x6/anchored@bypass`` generated tokens run the block once (``@full``, the default: the plan)
   ``0:20,10:30``         a general schedule: layers 0..19 then 10..29 (no mixing)
   ``none``               the unlooped model
 """
@@ -23,7 +29,14 @@ from dataclasses import dataclass, field
 
 from .errors import PlanError
 
-MIXES = ("none", "uniform", "ema", "autoalign", "noise")
+BLOCK_RULES = ("euler", "anchored", "inputanchor")  # once per pass, at the block's last layer
+PAPER_RULES = ("paper-no", "paper-uniform", "paper-ema")  # the paper code's preset rows, softmax'd
+RULES = BLOCK_RULES + PAPER_RULES + ("weights",)  # the backend's rule table (llama_set_loop_rule)
+MIXES = ("none", "uniform", "ema", "autoalign", "noise") + RULES
+# a rule's default parameter; None: it has none, or one that depends on the plan (euler's h = 1/K)
+RULE_DEFAULTS: dict[str, float | None] = {"anchored": 0.5, "inputanchor": 0.5, "paper-ema": 0.5}
+RULE_PARAMS = ("euler", "anchored", "inputanchor", "paper-ema")  # the rules that take a parameter, in [0, 1]
+DECODES = ("full", "bypass")
 DEFAULT_BETA = 0.5
 DEFAULT_TEMPERATURE = 1.0
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
@@ -39,6 +52,9 @@ KEY_MIX = "ggufloop.loop.mix"
 KEY_BETA = "ggufloop.loop.beta"
 KEY_TEMPERATURE = "ggufloop.loop.temperature"
 KEY_SEED = "ggufloop.loop.seed"
+KEY_PARAM = "ggufloop.loop.param"  # a rule's parameter; < 0: its default
+KEY_WEIGHTS = "ggufloop.loop.weights"  # float32 array: the weight table, [m][K][K] flattened
+KEY_DECODE = "ggufloop.loop.decode"  # "full" or "bypass"
 
 
 def f32(value: float) -> float:
@@ -58,14 +74,22 @@ def f32_text(value: float) -> str:
     return repr(value)
 
 
+Table = tuple[tuple[tuple[float, ...], ...], ...]  # a weight table [m][K][K] (m = 1: the same rows for every layer)
+
+
 @dataclass(frozen=True)
 class Mix:
-    """How the passes of a looped block are combined (docs/method.md, "Mixing the passes")."""
+    """How the passes of a looped block are combined (docs/method.md, "Mixing the passes").
+
+    ``param`` is a rule's parameter (None: its default); ``table`` the weight table of the
+    ``weights`` rule, [m][K][K] with m = 1 when every block layer has the same rows."""
 
     name: str = "none"
     beta: float = DEFAULT_BETA
     temperature: float = DEFAULT_TEMPERATURE
     seed: int = 0
+    param: float | None = None
+    table: Table = ()
 
     def __post_init__(self) -> None:
         # one canonical value: what the backend keeps (float32), so text, store keys and read-back agree
@@ -84,17 +108,38 @@ class Mix:
             )
         if not (0 <= self.seed < 2**32):
             raise PlanError(f"noise seed must be in [0, 2**32), got {self.seed}")
+        param = self.param if self.param is not None else RULE_DEFAULTS.get(self.name)
+        if param is not None:
+            if self.name not in RULE_PARAMS:
+                raise PlanError(f"mix {self.name!r} takes no parameter, got {param}")
+            param = f32(param)
+            if not (0.0 <= param <= 1.0):
+                raise PlanError(f"the parameter of mix {self.name!r} must be in [0, 1], got {param}")
+        object.__setattr__(self, "param", param)
+        if self.name == "weights":
+            object.__setattr__(self, "table", check_table(self.table))
+        elif self.table:
+            raise PlanError(f"mix {self.name!r} takes no weight table")
+
+    @property
+    def is_rule(self) -> bool:
+        """A mix of the backend's rule table (llama_set_loop_rule) rather than of llama_set_loop_mix."""
+        return self.name in RULES
 
     @classmethod
     def parse(cls, text: str) -> Mix:
-        """``uniform``, ``ema:0.3``, ``autoalign:0.5``, ``noise:7``."""
+        """``uniform``, ``ema:0.3``, ``autoalign:0.5``, ``noise:7``, ``euler:0.5``, ``weights:FILE``."""
         name, _, arg = text.strip().partition(":")
         name = name.strip().lower()
         if name not in MIXES:
             raise PlanError(f"unknown mix {name!r}: expected one of {', '.join(MIXES)}")
+        if name == "weights":
+            if not arg.strip():
+                raise PlanError("mix 'weights' needs a table: weights:FILE (.json or .npy) or inline JSON")
+            return cls(name, table=read_table(arg.strip()))
         if not arg:
             return cls(name)
-        if name not in ("ema", "autoalign", "noise"):
+        if name not in ("ema", "autoalign", "noise") + RULE_PARAMS:
             raise PlanError(f"mix {name!r} takes no parameter, got {arg!r}")
         try:
             value = int(arg) if name == "noise" else float(arg)
@@ -104,7 +149,9 @@ class Mix:
             return cls(name, beta=value)
         if name == "autoalign":
             return cls(name, temperature=value)
-        return cls(name, seed=value)
+        if name == "noise":
+            return cls(name, seed=value)
+        return cls(name, param=value)
 
     def __str__(self) -> str:
         if self.name == "ema" and self.beta != DEFAULT_BETA:
@@ -113,7 +160,99 @@ class Mix:
             return f"autoalign:{f32_text(self.temperature)}"
         if self.name == "noise" and self.seed:
             return f"noise:{self.seed}"
+        if self.name == "weights":
+            return f"weights:{table_text(self.table)}"
+        if self.param is not None and self.param != RULE_DEFAULTS.get(self.name):
+            return f"{self.name}:{f32_text(self.param)}"
         return self.name
+
+
+def read_table(source: str) -> Table:
+    """A weight table from a .json or .npy file, or inline JSON (text starting with '[')."""
+    import json
+    from pathlib import Path
+
+    if source.startswith("["):
+        try:
+            return _as_table(json.loads(source), "the inline table")
+        except json.JSONDecodeError as err:
+            raise PlanError(f"the inline weight table is not valid JSON: {err.msg} at character {err.pos}") from None
+    path = Path(source)
+    if not path.is_file():
+        raise PlanError(f"weight table {source} not found (weights:FILE takes a .json or .npy file)")
+    if path.suffix.lower() == ".npy":
+        import numpy as np
+
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise PlanError(f"weight table {source} is not a readable .npy array: {err}") from None
+        if data.dtype.kind not in "fiu":
+            raise PlanError(f"weight table {source} holds {data.dtype}, not numbers")
+        return _as_table(data.tolist(), source)
+    try:
+        return _as_table(json.loads(path.read_text()), source)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PlanError(f"weight table {source} is not valid JSON: {err}") from None
+
+
+def _as_table(data: object, source: str) -> Table:
+    """Nested lists [K][K] or [m][K][K] of numbers as a table [m][K][K], checked for shape."""
+
+    def depth(x: object) -> int:
+        return 1 + depth(x[0]) if isinstance(x, list) and x else (1 if isinstance(x, list) else 0)
+
+    d = depth(data)
+    if d == 2:
+        data = [data]
+    elif d != 3:
+        raise PlanError(f"{source}: a weight table is [K][K] or [m][K][K] nested lists, got {d} levels")
+    assert isinstance(data, list)
+    rows: list = []
+    for layer in data:
+        if not isinstance(layer, list) or any(not isinstance(r, list) for r in layer):
+            raise PlanError(f"{source}: every block layer's entry must be a [K][K] list of rows")
+        out = []
+        for row in layer:
+            if any(isinstance(v, bool) or not isinstance(v, int | float) for v in row):
+                raise PlanError(f"{source}: weights must be numbers")
+            out.append(tuple(float(v) for v in row))
+        rows.append(tuple(out))
+    return check_table(tuple(rows), source)
+
+
+def check_table(table: Table, source: str = "the weight table") -> Table:
+    """The table in float32 and canonical form ([1][K][K] when every layer has the same rows);
+    PlanError unless it is [m][K][K], finite, row 0 is [1, 0, ...] and weights of later passes are 0."""
+    if not table or not table[0]:
+        raise PlanError(f"{source} is empty")
+    K = len(table[0])
+    for j, layer in enumerate(table):
+        if len(layer) != K or any(len(row) != K for row in layer):
+            raise PlanError(f"{source}: block layer {j} is not a {K} x {K} table (every layer: K rows of K weights)")
+        for t, row in enumerate(layer):
+            for tau, w in enumerate(row):
+                if not math.isfinite(w):
+                    raise PlanError(f"{source}: weight [{j}][{t}][{tau}] = {w} is not finite")
+                expected = (1.0 if tau == 0 else 0.0) if t == 0 else (0.0 if tau > t else w)
+                if w != expected:
+                    rule = (
+                        "pass 0 is the reference: its row is [1, 0, ...]"
+                        if t == 0
+                        else "a pass mixes only the passes so far: weights with tau > t are 0"
+                    )
+                    raise PlanError(f"{source}: weight [{j}][{t}][{tau}] = {w} is not allowed ({rule})")
+    table = tuple(tuple(tuple(f32(w) for w in row) for row in layer) for layer in table)
+    return table[:1] if all(layer == table[0] for layer in table) else table
+
+
+def table_text(table: Table) -> str:
+    """The table as compact JSON ([K][K] when every layer has the same rows), exact in float32."""
+
+    def rows(layer: tuple) -> str:
+        return "[" + ",".join("[" + ",".join(f32_text(w) for w in row) + "]" for row in layer) + "]"
+
+    return rows(table[0]) if len(table) == 1 else "[" + ",".join(rows(layer) for layer in table) + "]"
 
 
 def _int(digits: str) -> int:
@@ -143,6 +282,7 @@ class LoopPlan:
     count: int = 1
     ranges: tuple[tuple[int, int], ...] = ()
     mix: Mix = field(default_factory=Mix)
+    decode: str = "full"  # what generated tokens run: the plan (full) or the block once (bypass)
 
     def __post_init__(self) -> None:
         for n in (self.start, self.end, self.count, *(x for r in self.ranges for x in r)):
@@ -165,6 +305,18 @@ class LoopPlan:
                 raise PlanError(f"loop count must be >= 1 (1 = the unlooped model), got {self.count}")
         elif self.mix.name != "none":
             raise PlanError(f"mix {self.mix.name!r} needs a start:end xcount plan")
+        if self.decode not in DECODES:
+            raise PlanError(f"unknown decode mode {self.decode!r}: expected full or bypass")
+        if self.decode == "bypass" and not self.end:
+            raise PlanError("decode bypass needs a start:end xcount plan (generated tokens run its block once)")
+        table = self.mix.table
+        if table:
+            m, K = self.end - self.start, self.count
+            if len(table[0]) != K or len(table) not in (1, m):
+                raise PlanError(
+                    f"the weight table is {len(table)} x {len(table[0])} x {len(table[0])}; plan "
+                    f"{self.start}:{self.end}x{K} needs [{K}][{K}] rows or [{m}][{K}][{K}] (block layer, pass, pass)"
+                )
 
     @property
     def is_looped(self) -> bool:
@@ -180,14 +332,18 @@ class LoopPlan:
             return cls()
         if not isinstance(text, str):
             raise PlanError(f"a plan is a string such as '10:15x3', got {type(text).__name__}")
+        decode = "full"
+        head, at, tail = text.rpartition("@")
+        if at and tail.strip().lower() in DECODES:
+            text, decode = head, tail.strip().lower()
         body, slash, mix_text = text.partition("/")
         mix = Mix.parse(mix_text) if slash else Mix()
         body = body.strip()
         if body.lower() in ("", "none"):
-            return cls(mix=mix)
+            return cls(mix=mix, decode=decode)
         if m := _PLAN.match(body):
             start, end, count = (_int(g) for g in m.groups())
-            return cls(start, end, count, mix=mix)
+            return cls(start, end, count, mix=mix, decode=decode)
         ranges = []
         for part in body.split(","):
             r = _RANGE.match(part)
@@ -197,7 +353,7 @@ class LoopPlan:
                     "optionally /MIX, or ranges such as 0:20,10:30"
                 )
             ranges.append((_int(r.group(1)), _int(r.group(2))))
-        return cls(ranges=tuple(ranges), mix=mix)
+        return cls(ranges=tuple(ranges), mix=mix, decode=decode)
 
     def __str__(self) -> str:
         if self.ranges:
@@ -206,11 +362,26 @@ class LoopPlan:
             body = f"{self.start}:{self.end}x{self.count}"
         else:
             body = "none"
-        return body if self.mix.name == "none" else f"{body}/{self.mix}"
+        text = body if self.mix.name == "none" else f"{body}/{self.mix}"
+        return text if self.decode == "full" else f"{text}@{self.decode}"
 
     def with_mix(self, mix: Mix | str) -> LoopPlan:
-        """The same layers with another mix."""
-        return LoopPlan(self.start, self.end, self.count, self.ranges, Mix.parse(mix) if isinstance(mix, str) else mix)
+        """The same layers and decode mode with another mix."""
+        mix = Mix.parse(mix) if isinstance(mix, str) else mix
+        return LoopPlan(self.start, self.end, self.count, self.ranges, mix, self.decode)
+
+    def with_decode(self, decode: str) -> LoopPlan:
+        """The same plan with another decode mode (full or bypass)."""
+        return LoopPlan(self.start, self.end, self.count, self.ranges, self.mix, decode.strip().lower())
+
+    def weights(self) -> list[float]:
+        """The weight table of a ``weights`` mix as the backend takes it: [m][K][K] flattened."""
+        table = self.mix.table
+        if not table:
+            return []
+        m = self.end - self.start
+        layers = table * m if len(table) == 1 else table
+        return [w for layer in layers for row in layer for w in row]
 
     def schedule(self, n_layer: int) -> list[int]:
         """The physical layer of each virtual layer, for a model of n_layer layers."""
@@ -258,13 +429,21 @@ class LoopPlan:
             (KEY_BETA, "float", self.mix.beta),
             (KEY_TEMPERATURE, "float", self.mix.temperature),
             (KEY_SEED, "int", self.mix.seed),
+            (KEY_PARAM, "float", -1.0 if self.mix.param is None else self.mix.param),
+            (KEY_DECODE, "str", self.decode),
         ]
+        if self.mix.table:
+            entries.append((KEY_WEIGHTS, "floats", tuple(self.weights())))
         return entries
 
     def kv_overrides(self) -> dict[str, int | float | str]:
-        """The plan as llama-cpp-python's ``kv_overrides`` (also accepted by ``from_metadata``)."""
+        """The plan as llama-cpp-python's ``kv_overrides`` (also accepted by ``from_metadata``).
+
+        An override holds no array: for a ``weights`` mix the overrides load the plan unmixed, and
+        the table is set on the context afterwards (LoopedLlama does; ``bake`` stores it)."""
         out: dict[str, int | float | str] = {}
-        for key, kind, value in self.metadata():
+        plan = self.with_mix(Mix()) if self.mix.table else self
+        for key, kind, value in plan.metadata():
             if kind == "str" and len(str(value).encode()) > MAX_KV_STR:
                 raise PlanError(
                     f"schedule {self} is too long for a metadata override ({MAX_KV_STR} bytes); "
@@ -276,6 +455,10 @@ class LoopPlan:
     def override_strings(self) -> list[str]:
         """The plan as llama.cpp's ``--override-kv KEY=TYPE:VALUE`` strings (also the server's);
         floats are written exactly."""
+        if self.mix.table:
+            raise PlanError(
+                "a weight table cannot be passed as --override-kv; bake it into the file with `ggufloop bake`"
+            )
         self.kv_overrides()  # the same length checks
         return [
             f"{key}={kind}:{value!r}" if kind == "float" else f"{key}={kind}:{value}"
@@ -307,22 +490,44 @@ class LoopPlan:
                 raise PlanError(f"metadata key {key} must be in [0, 2**32), got {value}")
             return value
 
+        name = str(get(KEY_MIX, "str", "none"))
+        param = float(get(KEY_PARAM, "float", -1.0))
+        table: Table = ()
+        if name == "weights":
+            flat = meta.get(KEY_WEIGHTS)
+            if not isinstance(flat, list | tuple) or not all(isinstance(w, float) for w in flat):
+                raise PlanError(f"metadata key {KEY_WEIGHTS} must be an array of floats for mix 'weights'")
+            table = _table_from_flat(list(flat), meta.get(KEY_START), meta.get(KEY_END), meta.get(KEY_COUNT))
         mix = Mix(
-            str(get(KEY_MIX, "str", "none")),
+            name,
             float(get(KEY_BETA, "float", DEFAULT_BETA)),
             float(get(KEY_TEMPERATURE, "float", DEFAULT_TEMPERATURE)),
             int(get(KEY_SEED, "int", 0)),
+            param=None if param < 0 or name not in RULE_PARAMS else param,
+            table=table,
         )
+        decode = str(get(KEY_DECODE, "str", "full"))
         layers = str(get(KEY_LAYERS, "str", ""))
         block = [get(k, "int", None) for k in (KEY_START, KEY_END, KEY_COUNT)]  # type: ignore[arg-type]
         explicit_none = block == [0, 0, 1]
         if layers:
             if any(v is not None for v in block) and not explicit_none:
                 raise PlanError(f"metadata has both {KEY_LAYERS} and a {KEY_START}/{KEY_END}/{KEY_COUNT} plan")
-            return cls.parse(layers).with_mix(mix) if mix.name != "none" else cls.parse(layers)
+            plan = cls.parse(layers).with_mix(mix) if mix.name != "none" else cls.parse(layers)
+            return plan.with_decode(decode) if decode != "full" else plan
         if all(v is not None for v in block):
             start, end, count = (int(v) for v in block)  # type: ignore[arg-type]
-            return cls(start, end, count, mix=mix)
+            return cls(start, end, count, mix=mix, decode=decode)
         if any(v is not None for v in block):
             raise PlanError(f"a loop plan needs {KEY_START}, {KEY_END} and {KEY_COUNT} together")
-        return cls(mix=mix)
+        return cls(mix=mix, decode=decode)
+
+
+def _table_from_flat(flat: list[float], start: object, end: object, count: object) -> Table:
+    """The weight table [m][K][K] of a flat array of m*K*K weights (the backend's layout)."""
+    if not all(isinstance(v, int) for v in (start, end, count)) or not flat:
+        raise PlanError(f"metadata key {KEY_WEIGHTS} needs a start:end xcount plan and at least one weight")
+    m, K = int(end) - int(start), int(count)  # type: ignore[call-overload]
+    if m <= 0 or len(flat) != m * K * K:
+        raise PlanError(f"metadata key {KEY_WEIGHTS} has {len(flat)} weights; the plan needs {m} x {K} x {K}")
+    return tuple(tuple(tuple(flat[(j * K + t) * K : (j * K + t + 1) * K]) for t in range(K)) for j in range(m))

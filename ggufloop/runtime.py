@@ -19,7 +19,7 @@ import numpy as np
 from . import _lib
 from .errors import BackendError
 from .gguf_io import metadata, open_gguf
-from .plan import LoopPlan, Mix
+from .plan import RULES, LoopPlan, Mix
 from .rpc import loading_with_devices, model_devices, watch_connections
 
 # (token, position, sequence, wants logits)
@@ -50,8 +50,9 @@ class LoopedLlama(llama_cpp.Llama):
         _lib.require_patched()
         broken = broken_chat_templates(metadata(open_gguf(model_path)))
         overrides = dict(kwargs.pop("kv_overrides", None) or {})
-        if loop is not None:
-            overrides.update(LoopPlan.parse(loop).kv_overrides())
+        plan = LoopPlan.parse(loop) if loop is not None else None
+        if plan is not None:
+            overrides.update(plan.kv_overrides())
         kwargs.setdefault("verbose", False)
         self._devices = None
         if rpc:
@@ -68,6 +69,8 @@ class LoopedLlama(llama_cpp.Llama):
             raise _lib.BackendError(f"llama.cpp could not load {model_path}: {err}") from None
         if self._devices is not None:
             watch_connections(self._devices.endpoints)  # found dead, not waited for, if a server's machine vanishes
+        if plan is not None and plan.mix.table:
+            self.set_mix(plan.mix)  # an override holds no weight table: it is set on the context
 
     def close(self) -> None:
         if "_stack" in self.__dict__:  # __init__ may have refused before Llama set anything up
@@ -106,6 +109,11 @@ class LoopedLlama(llama_cpp.Llama):
         return _backend_mix(self.ctx)
 
     @property
+    def decode(self) -> str:
+        """What generated tokens run: "full" (the plan) or "bypass" (the block once)."""
+        return _backend_decode(self.ctx)
+
+    @property
     def model_size(self) -> int:
         """Bytes of the model's weights, as llama.cpp counts them (a plan does not change it)."""
         return int(llama_cpp.llama_model_size(self.model))
@@ -115,7 +123,7 @@ class LoopedLlama(llama_cpp.Llama):
         """The plan read back from the backend."""
         start, end, count = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
         if _lib.llama_model_loop_plan(self.model, ctypes.byref(start), ctypes.byref(end), ctypes.byref(count)):
-            return LoopPlan(start.value, end.value, count.value, mix=self.mix)
+            return LoopPlan(start.value, end.value, count.value, mix=self.mix, decode=self.decode)
         schedule = self.schedule
         if schedule == list(range(self.n_layer_phys)):
             return LoopPlan()
@@ -140,6 +148,7 @@ class LoopedLlama(llama_cpp.Llama):
             current.ranges,
         ):
             self.set_mix(plan.mix)
+            self.set_decode(plan.decode)
             return
         plan.validate(self.n_layer_phys)
         arch = str(self.metadata.get("general.architecture", "unknown"))
@@ -164,8 +173,10 @@ class LoopedLlama(llama_cpp.Llama):
             self._new_native_context()
         if status != 0:
             self.set_mix(current.mix)  # the backend kept the old schedule; the cache is lost with the context
+            self.set_decode(current.decode)
             _lib.check(status)
         self.set_mix(plan.mix)
+        self.set_decode(plan.decode)
 
     def _new_native_context(self) -> None:
         ctx = llama_cpp.llama_init_from_model(self.model, self.context_params)
@@ -176,12 +187,26 @@ class LoopedLlama(llama_cpp.Llama):
 
     def set_mix(self, mix: Mix | str) -> None:
         """Mix the passes of the current plan another way; clears the KV cache. A refused mix leaves
-        the mix and the cache as they were."""
+        the mix and the cache as they were. The decode mode stays."""
         mix = Mix.parse(mix) if isinstance(mix, str) else mix
         self._check_idle()
-        _set_backend_mix(self.ctx, mix)
+        current = self.plan
+        if current.end:
+            current.with_mix(mix)  # a weight table is checked against the plan before the backend sees it
+        _set_backend_mix(self.ctx, mix, current.start, current.end)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         self.n_tokens = 0
+
+    def set_decode(self, decode: str) -> None:
+        """What generated tokens run: "full" (the plan) or "bypass" (the block once, leaving their pass-0 K/V
+        in the later passes' KV slots). Prompt tokens always run the plan. Keeps the KV cache: both modes
+        leave well-defined K/V for every pass (docs/method.md, "Looping the prompt only")."""
+        self._check_idle()
+        if decode not in ("full", "bypass"):
+            raise _lib.BackendError(f"unknown decode mode {decode!r}: expected full or bypass")
+        if decode == "bypass" and not self.plan.end:
+            raise _lib.BackendError("decode bypass needs a start:end xcount plan")
+        _lib.check(_lib.llama_set_loop_decode(self.ctx, decode.encode()))
 
     def _check_idle(self) -> None:
         if self._streaming:
@@ -190,19 +215,42 @@ class LoopedLlama(llama_cpp.Llama):
     # -- generation -------------------------------------------------------------------------
 
     _streaming = 0
+    _generate_evals = -1  # evals so far in the running generate (-1: none runs); the first is its prompt
 
     def generate(self, *args: Any, **kwargs: Any) -> Iterator[int]:
-        """Llama.generate, counted: the plan cannot change under a stream that is being read."""
+        """Llama.generate, counted: the plan cannot change under a stream that is being read. Its first eval
+        is the prompt; every later one decodes sampled tokens, which are *generated* (decode bypass)."""
         self._streaming += 1
+        outer, self._generate_evals = self._generate_evals, 0
         try:
             yield from super().generate(*args, **kwargs)
         finally:
             self._streaming -= 1
+            self._generate_evals = outer
+
+    @contextlib.contextmanager
+    def generated(self) -> Iterator[None]:
+        """Within it, every eval decodes generated tokens: under decode bypass they run the block once.
+        ``generate`` does this itself for the tokens it samples."""
+        outer, self._generate_evals = self._generate_evals, 1
+        try:
+            yield
+        finally:
+            self._generate_evals = outer
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Llama.eval, with a check that the model's answer is a number: non-finite logits (a damaged
-        file, an overflowing computation) are an error, never an empty or arbitrary answer."""
-        super().eval(tokens)
+        file, an overflowing computation) are an error, never an empty or arbitrary answer. The tokens
+        are generated ones after a generate's prompt, or within ``generated()``."""
+        if _lib.llama_set_loop_generating is not None:
+            _lib.llama_set_loop_generating(self.ctx, self._generate_evals > 0)
+        if self._generate_evals >= 0:
+            self._generate_evals += 1
+        try:
+            super().eval(tokens)
+        finally:
+            if _lib.llama_set_loop_generating is not None:
+                _lib.llama_set_loop_generating(self.ctx, False)
         if len(tokens):
             row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab(),))
             if not np.isfinite(row).all():
@@ -276,7 +324,10 @@ class SideContext:
         if self.ctx is None:
             raise _lib.BackendError(f"llama.cpp could not create a context of {n_ctx} tokens and {n_seq} sequences")
         try:
-            _set_backend_mix(self.ctx, llm.mix)
+            plan = llm.plan
+            _set_backend_mix(self.ctx, plan.mix, plan.start, plan.end)
+            if plan.decode != "full":
+                _lib.check(_lib.llama_set_loop_decode(self.ctx, plan.decode.encode()))
         except _lib.BackendError:
             self.close()
             raise
@@ -301,10 +352,13 @@ class SideContext:
         """Share src's KV cache with sequence dst (llama.cpp's sequence copy; no recomputation)."""
         llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
 
-    def decode(self, entries: Sequence[Entry]) -> list[int]:
+    def decode(self, entries: Sequence[Entry], generated: bool = False) -> list[int]:
         """Decode one batch of (token, position, sequence, wants logits) entries; returns, per entry
-        that wanted logits, its row index for ``logits``."""
+        that wanted logits, its row index for ``logits``. ``generated``: the batch is of generated
+        tokens (decode bypass runs their block once)."""
         batch = llama_cpp.llama_batch_init(len(entries), 0, 1)
+        if _lib.llama_set_loop_generating is not None:
+            _lib.llama_set_loop_generating(self.ctx, generated)
         try:
             rows = []
             for j, (tok, pos, seq, logits) in enumerate(entries):
@@ -319,6 +373,8 @@ class SideContext:
             return rows
         finally:
             llama_cpp.llama_batch_free(batch)
+            if _lib.llama_set_loop_generating is not None:
+                _lib.llama_set_loop_generating(self.ctx, False)
 
     def logits(self, row: int) -> np.ndarray:
         """The logits of one row of the last decoded batch, copied as float64."""
@@ -384,14 +440,49 @@ def _tolerate_broken_templates(broken: dict[str, str]) -> Iterator[None]:
         llama_chat_format.Jinja2ChatFormatter = plain
 
 
-def _set_backend_mix(ctx: Any, mix: Mix) -> None:
-    _lib.check(_lib.llama_set_loop_mix(ctx, mix.name.encode(), mix.beta, mix.temperature, mix.seed))
+def _set_backend_mix(ctx: Any, mix: Mix, start: int = 0, end: int = 0) -> None:
+    """The mix on a context: a rule through llama_set_loop_rule (a weight table expanded to the block's
+    end - start layers), the others through llama_set_loop_mix."""
+    if not mix.is_rule:
+        _lib.check(_lib.llama_set_loop_mix(ctx, mix.name.encode(), mix.beta, mix.temperature, mix.seed))
+        return
+    if _lib.llama_set_loop_rule is None:
+        raise _lib.BackendError(f"mix {mix.name!r} needs a newer backend: rebuild it with `make backend`")
+    table = list(mix.table) * (end - start) if len(mix.table) == 1 else list(mix.table)
+    flat = [w for layer in table for row in layer for w in row]
+    weights = (ctypes.c_float * len(flat))(*flat)
+    param = -1.0 if mix.param is None else mix.param
+    _lib.check(_lib.llama_set_loop_rule(ctx, mix.name.encode(), param, weights, len(flat)))
 
 
 def _backend_mix(ctx: Any) -> Mix:
     beta, temperature, seed = ctypes.c_float(), ctypes.c_float(), ctypes.c_uint32()
-    name = _lib.llama_get_loop_mix(ctx, ctypes.byref(beta), ctypes.byref(temperature), ctypes.byref(seed))
-    return Mix(name.decode(), beta.value, temperature.value, seed.value)
+    name = _lib.llama_get_loop_mix(ctx, ctypes.byref(beta), ctypes.byref(temperature), ctypes.byref(seed)).decode()
+    if _lib.llama_get_loop_rule is None or name not in RULES:
+        return Mix(name, beta.value, temperature.value, seed.value)
+    param, n = ctypes.c_float(), ctypes.c_int32()
+    _lib.llama_get_loop_rule(ctx, ctypes.byref(param), None, 0, ctypes.byref(n))
+    buf = (ctypes.c_float * n.value)()
+    _lib.llama_get_loop_rule(ctx, ctypes.byref(param), buf, n.value, ctypes.byref(n))
+    table: tuple = ()
+    if n.value:
+        K = _plan_count(ctx)
+        rows = [tuple(buf[i : i + K]) for i in range(0, n.value, K)]
+        table = tuple(tuple(rows[j : j + K]) for j in range(0, len(rows), K))
+    return Mix(name, param=None if param.value < 0 else param.value, table=table)
+
+
+def _plan_count(ctx: Any) -> int:
+    """K, the passes of the plan of a context's model."""
+    start, end, count = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
+    _lib.llama_model_loop_plan(
+        llama_cpp.llama_get_model(ctx), ctypes.byref(start), ctypes.byref(end), ctypes.byref(count)
+    )
+    return count.value
+
+
+def _backend_decode(ctx: Any) -> str:
+    return _lib.llama_get_loop_decode(ctx).decode() if _lib.llama_get_loop_decode is not None else "full"
 
 
 def _ranges(schedule: list[int]) -> tuple[tuple[int, int], ...]:

@@ -97,13 +97,50 @@ def _norm(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
 
 
+def paper_row(name: str, t: int, param: float) -> np.ndarray:
+    """The paper code's effective weights at pass t: the softmax over tau = 0..t of its preset row."""
+    preset = np.zeros(t + 1)
+    if name == "paper-no":
+        preset[t] = 1.0
+    elif name == "paper-uniform":
+        preset[:] = 1.0
+    elif name == "paper-ema":
+        preset[0], preset[t] = 1 - param, param
+    e = np.exp(preset)
+    return e / e.sum()
+
+
+def block_step(name: str, x0: np.ndarray, x: np.ndarray, g: np.ndarray, natural: np.ndarray, t: int, K: int, p):
+    """The block's next input after pass t (its output after the last pass), for a block rule."""
+    if name == "euler":
+        h = 1.0 / K if p is None else p
+        return x + h * (g - x)
+    if name == "anchored":
+        h = x + (g - x) / K
+        return p * natural + (1 - p) * h if t == K - 1 else h
+    if name == "inputanchor":
+        return p * g + (1 - p) * x0
+    raise ValueError(name)
+
+
 def mix_passes(
-    name: str, outs: list[np.ndarray], beta: float, temperature: float, noise: np.ndarray | None
+    name: str,
+    outs: list[np.ndarray],
+    beta: float,
+    temperature: float,
+    noise: np.ndarray | None,
+    param: float | None = None,
+    row: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The state passed on after pass t = len(outs)-1, from the raw outputs C[0..t] of one block layer."""
+    """The state passed on after pass t = len(outs)-1, from the raw outputs C[0..t] of one block layer
+    (``row``: the weights of a ``weights`` table at this layer and pass)."""
     t, ref, cur = len(outs) - 1, outs[0], outs[-1]
     if t == 0 or name == "none":
         return cur
+    if name.startswith("paper-"):
+        return np.einsum("p,ptd->td", paper_row(name, t, param), np.stack(outs))
+    if name == "weights":
+        return np.einsum("p,ptd->td", row[: t + 1], np.stack(outs))
     if name == "uniform":
         return np.mean(outs, axis=0)
     if name == "ema":
@@ -130,8 +167,16 @@ def forward(
     beta: float = 0.5,
     temperature: float = 1.0,
     seed: int = 0,
+    param: float | None = None,
+    table: np.ndarray | None = None,
+    generated: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Logits of every position for the plan (start, end, count) with the given mix."""
+    """Logits of every position for the plan (start, end, count) with the given mix.
+
+    ``param``: a rule's parameter; ``table``: a weights table [m][K][K]; ``generated``: a mask of the
+    positions decoded as generated tokens under decode bypass: they run pass 0 of the block only, and
+    the K/V that they leave for pass t >= 1 are their pass-0 K/V, i.e. computed from their pass-0 input
+    of that block layer (their rows of the later passes' inputs are replaced by it)."""
     x = weights["token_embd.weight"][tokens].astype(np.float64)
     if spec.arch == "gemma3":
         x = x * np.sqrt(spec.n_embd)
@@ -141,15 +186,28 @@ def forward(
     m = end - start
     for il in range(start):
         x = layer(spec, layers[il], x, pos, swa[il])
+    gen = np.zeros(len(tokens), bool) if generated is None else np.asarray(generated, bool)
     if m > 0:
         outs: list[list[np.ndarray]] = [[] for _ in range(m)]
+        inputs0: list[np.ndarray] = []  # the pass-0 input of each block layer
+        x0 = x_in = x
         for t in range(count):
             for j in range(m):
                 il = start + j
+                if t == 0:
+                    inputs0.append(x)
+                x = np.where(gen[:, None], inputs0[j], x)  # generated tokens: pass-0 inputs (and K/V)
                 outs[j].append(layer(spec, layers[il], x, pos, swa[il]))
+                if mix in ("euler", "anchored", "inputanchor"):
+                    x = outs[j][-1]
+                    if j == m - 1:
+                        x = x_in = block_step(mix, x0, x_in, x, outs[m - 1][0], t, count, param)
+                    continue
                 virtual = start + t * m + j
                 noise = noise_directions(seed, virtual, pos, spec.n_embd) if mix == "noise" and t else None
-                x = mix_passes(mix, outs[j], beta, temperature, noise)
+                row = table[j][t] if table is not None else None
+                x = mix_passes(mix, outs[j], beta, temperature, noise, param, row)
+        x = np.where(gen[:, None], outs[m - 1][0], x)  # generated tokens leave the block after pass 0
     for il in range(max(end, start), spec.n_layer):
         x = layer(spec, layers[il], x, pos, swa[il])
     x = rms_norm(x, weights["output_norm.weight"], spec.eps)

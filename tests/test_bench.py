@@ -39,3 +39,4 @@ def test_bench_writes_table_plot_and_json(tiny_models, tmp_path):
     assert rows["2:4x2 none"]["kv_mib"] > rows["patched, no plan"]["kv_mib"]
     assert (tmp_path / "benchmarks.png").stat().st_size > 1000
     assert "| 2:4x2 none |" in (tmp_path / "benchmarks.md").read_text()
+    assert rows["2:4x2 none"]["bypass_decode_tps"] > 0 and rows["patched, no plan"]["bypass_decode_tps"] is None

@@ -80,6 +80,8 @@ def command(
                     r = results[v.name]
                     r.prefill_tps.append(m["prefill_tps"])
                     r.decode_tps.append(m["decode_tps"])
+                    if m.get("bypass_decode_tps"):
+                        r.bypass_decode_tps.append(m["bypass_decode_tps"])
                     r.rss_mib.append(m["rss_mib"])
                     r.weights_mib, r.kv_mib = m["weights_mib"], m["kv_mib"]
                     bar.update(1)

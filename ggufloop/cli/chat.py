@@ -12,7 +12,8 @@ from ..plan import LoopPlan, Mix
 from .options import describe, load, runtime_options
 
 HELP = (
-    "commands: /loop PLAN (e.g. /loop 12:16x2 keeps the mix, /loop none), /mix MIX, "
+    "commands: /loop PLAN (e.g. /loop 12:16x2 keeps the mix and decode mode, /loop none), /mix MIX "
+    "(e.g. /mix anchored:0.5), /decode full|bypass (bypass: answers run the block once), "
     "/compare (the last message again, unlooped), /reset, /quit"
 )
 
@@ -99,12 +100,17 @@ def handle_command(llm, line: str, messages: list[dict], settings: dict) -> bool
             plan = LoopPlan.parse(arg)
             if "/" not in arg and plan.end and not plan.ranges:
                 plan = plan.with_mix(llm.mix)  # new layers, same mix
+            if "@" not in arg and plan.end and not plan.ranges:
+                plan = plan.with_decode(llm.decode)  # and the same decode mode
             llm.set_loop(plan)
             click.echo(f"({describe(llm)})")
         elif cmd == "/compare":
             compare(llm, messages, **settings)
         elif cmd == "/mix" and arg:
             llm.set_mix(Mix.parse(arg))
+            click.echo(f"({describe(llm)})")
+        elif cmd == "/decode" and arg:
+            llm.set_decode(arg.strip().lower())
             click.echo(f"({describe(llm)})")
         else:
             click.echo(HELP)

@@ -25,16 +25,27 @@ LOOP_HELP = (
     "0:20,10:30 (a general schedule)."
 )
 DEFAULT_CTX = 2048
-MIX_HELP = "How passes are mixed: none, uniform, ema[:beta], autoalign[:T], noise[:seed]."
+MIX_HELP = (
+    "How passes are mixed: none, uniform, ema[:beta], autoalign[:T], noise[:seed]; block rules euler[:h], "
+    "anchored[:beta], inputanchor[:a]; the paper code's paper-no, paper-uniform, paper-ema[:beta]; "
+    "weights:FILE (.json or .npy table, docs/method.md)."
+)
+DECODE_HELP = (
+    "What generated tokens run: full (the plan) or bypass (the block once; prompts still run the plan). "
+    "Default: the plan's own (PLAN@bypass), else full."
+)
 
 
 def plan_options(
     required: bool = False, default_help: str = " Default: the plan stored in the file, if any."
 ) -> Callable:
-    """--loop PLAN and --mix MIX; the command receives them as the strings ``loop`` and ``mix``
-    (combine them with ``plan_from``)."""
+    """--loop PLAN, --mix MIX and --decode MODE; the command receives them as the strings ``loop``,
+    ``mix`` and ``decode`` (combine them with ``plan_from``)."""
 
     def decorate(fn: Callable) -> Callable:
+        fn = click.option(
+            "--decode", default=None, type=click.Choice(["full", "bypass"]), metavar="MODE", help=DECODE_HELP
+        )(fn)
         fn = click.option("--mix", default=None, metavar="MIX", help=MIX_HELP + " Default: the plan's own.")(fn)
         return click.option(
             "--loop",
@@ -48,13 +59,17 @@ def plan_options(
     return decorate
 
 
-def plan_from(loop: str | None, mix: str | None, stored: LoopPlan | None = None) -> LoopPlan | None:
-    """The plan that --loop and --mix ask for: --loop's plan (else the stored one), with --mix's mix
-    when given; None when neither option is given and there is no stored plan to fall back on."""
-    if loop is None and mix is None:
+def plan_from(
+    loop: str | None, mix: str | None, stored: LoopPlan | None = None, decode: str | None = None
+) -> LoopPlan | None:
+    """The plan that --loop, --mix and --decode ask for: --loop's plan (else the stored one), with
+    --mix's mix and --decode's mode when given; None when no option is given and there is no stored
+    plan to fall back on."""
+    if loop is None and mix is None and decode is None:
         return stored
     plan = LoopPlan.parse(loop) if loop is not None else (stored or LoopPlan())
-    return plan.with_mix(Mix.parse(mix)) if mix is not None else plan
+    plan = plan.with_mix(Mix.parse(mix)) if mix is not None else plan
+    return plan.with_decode(decode) if decode is not None else plan
 
 
 def parse_mixes(text: str) -> tuple[str, ...]:
@@ -194,6 +209,7 @@ def load(
     verbose: bool,
     rpc: str | None = None,
     tensor_split: str | None = None,
+    decode: str | None = None,
     **extra: Any,
 ) -> LoopedLlama:
     """Resolve the model argument and open it with the plan and the placement the options ask for."""
@@ -207,7 +223,8 @@ def load(
         quiet_llama_logs()
     path = resolve(model)
     info = model_info(path)
-    plan = plan_from(loop, mix, info.stored_plan if loop is None and mix is not None else None)
+    stored = info.stored_plan if loop is None and (mix is not None or decode is not None) else None
+    plan = plan_from(loop, mix, stored, decode)
     if ctx_size is None:
         ctx_size = min(DEFAULT_CTX, info.context_length or DEFAULT_CTX)
     check_context(info, ctx_size, (plan or info.stored_plan).virtual_depth(info.n_layer))

@@ -46,6 +46,7 @@ def command(
     plans: tuple[str, ...],
     loop: str | None,
     mix: str | None,
+    decode: str | None,
     api_key: str | None,
     host: str,
     port: int,
@@ -90,7 +91,7 @@ def command(
         if name in named:
             raise PlanError(f"plan name {name!r} is given twice")
         named[name] = plan
-    default = plan_from(loop, mix, info.stored_plan)
+    default = plan_from(loop, mix, info.stored_plan, decode)
     config = server.ServeConfig(
         model_path=path,
         plans=named,

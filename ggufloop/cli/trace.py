@@ -19,7 +19,14 @@ from .options import plan_from, plan_options, quiet_llama_logs, writable_dir
 @click.option("--threads", "-t", type=click.IntRange(1), default=None)
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="traces", show_default=True)
 def command(
-    model: str, prompt: str, loop: str, mix: str | None, compare: str | None, threads: int | None, output: str
+    model: str,
+    prompt: str,
+    loop: str,
+    mix: str | None,
+    decode: str | None,
+    compare: str | None,
+    threads: int | None,
+    output: str,
 ) -> None:
     """Capture the residual stream after every virtual layer for PROMPT; metrics as JSON, figures as PNG."""
     from .. import plots
@@ -27,7 +34,7 @@ def command(
     from ..trajectory import summary, trace_runs
 
     quiet_llama_logs()
-    plan = plan_from(loop, mix)
+    plan = plan_from(loop, mix, decode=decode)
     if plan.ranges or not plan.end:
         raise click.BadParameter("trace takes a block plan START:ENDxCOUNT", param_hint="--loop")
     mixes = list(dict.fromkeys([str(plan.mix)] + [m.strip() for m in (compare or "").split(",") if m.strip()]))
