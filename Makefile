@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 GGUFLOOP_BACKEND ?= cpu
 export GGUFLOOP_BACKEND
 # the plan and sampling of `make chat`, chosen from measurements (docs/chat-defaults.md)
-CHAT_PLAN ?= --loop 10:15x2 --mix uniform --temp 0
+CHAT_PLAN ?= --loop 10:15x3 --mix uniform --temp 0
 
 .PHONY: backend stock models data chat lint test test-fast bench archs-doc clean
 
