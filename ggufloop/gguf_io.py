@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,11 @@ def check_gguf(path: str | os.PathLike) -> None:
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-    """A reader of a GGUF file whose header and tensor table are complete, or ModelFileError."""
+    """A reader of a GGUF file whose header and tensor table are complete, or ModelFileError.
+
+    Parsing a header takes seconds for a large vocabulary (the gguf package builds every token
+    string), and one command asks for the same file several times (model info, then the load), so
+    the reader of an unchanged file (same path, size and modification time) is parsed once."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"no such model file: {path}")
@@ -40,11 +45,16 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelFileError(f"{path} is not a GGUF file")
+    st = path.stat()
+    return _read_gguf(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _read_gguf(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as err:  # the reader raises several types on damaged headers
         raise ModelFileError(f"{path} is not a readable GGUF file (truncated or damaged): {err}") from None
-    size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise ModelFileError(f"{path} is truncated: tensor {t.name} ends past the end of the file")

@@ -176,7 +176,6 @@ def test_damaged_databases(tiny_models, tmp_path):
     data = good.read_bytes()
     rng = random.Random("fuzz-db")
     model = str(tiny_models["llama"][2])
-    outcomes = {"ok": 0, "error": 0}
     for i in range(8 * SCALE):
         db = tmp_path / f"d{i}.sqlite"
         db.write_bytes(corrupt(data, rng))
@@ -207,5 +206,3 @@ def test_damaged_databases(tiny_models, tmp_path):
         if proc.returncode:
             errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
             assert len(errors) == 1, proc.stderr
-        outcomes["ok" if proc.returncode == 0 else "error"] += 1
-    assert sum(outcomes.values()) == 8 * SCALE
