@@ -110,6 +110,12 @@ llama_get_loop_decode = _declare("llama_get_loop_decode", [llama_context_p], cty
 # void llama_set_loop_generating(struct llama_context * ctx, bool generating);
 llama_set_loop_generating = _declare("llama_set_loop_generating", [llama_context_p, ctypes.c_bool], None)
 
+# int32_t llama_set_loop_moe(struct llama_context * ctx, const char * moe);
+llama_set_loop_moe = _declare("llama_set_loop_moe", [llama_context_p, ctypes.c_char_p], ctypes.c_int32)
+
+# const char * llama_get_loop_moe(const struct llama_context * ctx);
+llama_get_loop_moe = _declare("llama_get_loop_moe", [llama_context_p], ctypes.c_char_p)
+
 # const char * llama_loop_last_error(void);
 llama_loop_last_error = _declare("llama_loop_last_error", [], ctypes.c_char_p)
 

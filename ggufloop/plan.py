@@ -16,6 +16,7 @@ Notation (slice semantics, as everywhere in ggufloop):
   ``10:15x3/weights:w.json`` a per-layer weight table from a JSON or .npy file, or inline JSON
                          (``weights:[[1,0],[0.5,0.5]]``); docs/method.md gives the layout
   ``10:15x6/anchored@bypass`` generated tokens run the block once (``@full``, the default: the plan)
+  ``10:15x3@freeze``     MoE models: later passes reuse pass 0's expert routing (``@free``, the default)
   ``0:20,10:30``         a general schedule: layers 0..19 then 10..29 (no mixing)
   ``none``               the unlooped model
 """
@@ -37,6 +38,7 @@ MIXES = ("none", "uniform", "ema", "autoalign", "noise") + RULES
 RULE_DEFAULTS: dict[str, float | None] = {"anchored": 0.5, "inputanchor": 0.5, "paper-ema": 0.5}
 RULE_PARAMS = ("euler", "anchored", "inputanchor", "paper-ema")  # the rules that take a parameter, in [0, 1]
 DECODES = ("full", "bypass")
+MOES = ("free", "freeze")  # MoE routing of the later passes: their own, or pass 0's (routing freeze)
 DEFAULT_BETA = 0.5
 DEFAULT_TEMPERATURE = 1.0
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
@@ -55,6 +57,7 @@ KEY_SEED = "ggufloop.loop.seed"
 KEY_PARAM = "ggufloop.loop.param"  # a rule's parameter; < 0: its default
 KEY_WEIGHTS = "ggufloop.loop.weights"  # float32 array: the weight table, [m][K][K] flattened
 KEY_DECODE = "ggufloop.loop.decode"  # "full" or "bypass"
+KEY_MOE = "ggufloop.loop.moe"  # "free" or "freeze"
 
 
 def f32(value: float) -> float:
@@ -283,6 +286,7 @@ class LoopPlan:
     ranges: tuple[tuple[int, int], ...] = ()
     mix: Mix = field(default_factory=Mix)
     decode: str = "full"  # what generated tokens run: the plan (full) or the block once (bypass)
+    moe: str = "free"  # how MoE layers route the later passes: anew (free) or as pass 0 did (freeze)
 
     def __post_init__(self) -> None:
         for n in (self.start, self.end, self.count, *(x for r in self.ranges for x in r)):
@@ -309,6 +313,12 @@ class LoopPlan:
             raise PlanError(f"unknown decode mode {self.decode!r}: expected full or bypass")
         if self.decode == "bypass" and not self.end:
             raise PlanError("decode bypass needs a start:end xcount plan (generated tokens run its block once)")
+        if self.moe not in MOES:
+            raise PlanError(f"unknown MoE routing {self.moe!r}: expected free or freeze")
+        if self.moe == "freeze" and not self.end:
+            raise PlanError(
+                "MoE routing freeze needs a start:end xcount plan (its later passes reuse pass 0's routing)"
+            )
         table = self.mix.table
         if table:
             m, K = self.end - self.start, self.count
@@ -332,18 +342,15 @@ class LoopPlan:
             return cls()
         if not isinstance(text, str):
             raise PlanError(f"a plan is a string such as '10:15x3', got {type(text).__name__}")
-        decode = "full"
-        head, at, tail = text.rpartition("@")
-        if at and tail.strip().lower() in DECODES:
-            text, decode = head, tail.strip().lower()
+        text, options = _options(text)
         body, slash, mix_text = text.partition("/")
         mix = Mix.parse(mix_text) if slash else Mix()
         body = body.strip()
         if body.lower() in ("", "none"):
-            return cls(mix=mix, decode=decode)
+            return cls(mix=mix, **options)
         if m := _PLAN.match(body):
             start, end, count = (_int(g) for g in m.groups())
-            return cls(start, end, count, mix=mix, decode=decode)
+            return cls(start, end, count, mix=mix, **options)
         ranges = []
         for part in body.split(","):
             r = _RANGE.match(part)
@@ -353,7 +360,7 @@ class LoopPlan:
                     "optionally /MIX, or ranges such as 0:20,10:30"
                 )
             ranges.append((_int(r.group(1)), _int(r.group(2))))
-        return cls(ranges=tuple(ranges), mix=mix, decode=decode)
+        return cls(ranges=tuple(ranges), mix=mix, **options)
 
     def __str__(self) -> str:
         if self.ranges:
@@ -363,16 +370,21 @@ class LoopPlan:
         else:
             body = "none"
         text = body if self.mix.name == "none" else f"{body}/{self.mix}"
-        return text if self.decode == "full" else f"{text}@{self.decode}"
+        text = text if self.decode == "full" else f"{text}@{self.decode}"
+        return text if self.moe == "free" else f"{text}@{self.moe}"
 
     def with_mix(self, mix: Mix | str) -> LoopPlan:
-        """The same layers and decode mode with another mix."""
+        """The same layers, decode mode and MoE routing with another mix."""
         mix = Mix.parse(mix) if isinstance(mix, str) else mix
-        return LoopPlan(self.start, self.end, self.count, self.ranges, mix, self.decode)
+        return LoopPlan(self.start, self.end, self.count, self.ranges, mix, self.decode, self.moe)
 
     def with_decode(self, decode: str) -> LoopPlan:
         """The same plan with another decode mode (full or bypass)."""
-        return LoopPlan(self.start, self.end, self.count, self.ranges, self.mix, decode.strip().lower())
+        return LoopPlan(self.start, self.end, self.count, self.ranges, self.mix, decode.strip().lower(), self.moe)
+
+    def with_moe(self, moe: str) -> LoopPlan:
+        """The same plan with another MoE routing (free or freeze)."""
+        return LoopPlan(self.start, self.end, self.count, self.ranges, self.mix, self.decode, moe.strip().lower())
 
     def weights(self) -> list[float]:
         """The weight table of a ``weights`` mix as the backend takes it: [m][K][K] flattened."""
@@ -431,6 +443,7 @@ class LoopPlan:
             (KEY_SEED, "int", self.mix.seed),
             (KEY_PARAM, "float", -1.0 if self.mix.param is None else self.mix.param),
             (KEY_DECODE, "str", self.decode),
+            (KEY_MOE, "str", self.moe),
         ]
         if self.mix.table:
             entries.append((KEY_WEIGHTS, "floats", tuple(self.weights())))
@@ -507,6 +520,7 @@ class LoopPlan:
             table=table,
         )
         decode = str(get(KEY_DECODE, "str", "full"))
+        moe = str(get(KEY_MOE, "str", "free"))
         layers = str(get(KEY_LAYERS, "str", ""))
         block = [get(k, "int", None) for k in (KEY_START, KEY_END, KEY_COUNT)]  # type: ignore[arg-type]
         explicit_none = block == [0, 0, 1]
@@ -514,13 +528,31 @@ class LoopPlan:
             if any(v is not None for v in block) and not explicit_none:
                 raise PlanError(f"metadata has both {KEY_LAYERS} and a {KEY_START}/{KEY_END}/{KEY_COUNT} plan")
             plan = cls.parse(layers).with_mix(mix) if mix.name != "none" else cls.parse(layers)
-            return plan.with_decode(decode) if decode != "full" else plan
+            plan = plan.with_decode(decode) if decode != "full" else plan
+            return plan.with_moe(moe) if moe != "free" else plan
         if all(v is not None for v in block):
             start, end, count = (int(v) for v in block)  # type: ignore[arg-type]
-            return cls(start, end, count, mix=mix, decode=decode)
+            return cls(start, end, count, mix=mix, decode=decode, moe=moe)
         if any(v is not None for v in block):
             raise PlanError(f"a loop plan needs {KEY_START}, {KEY_END} and {KEY_COUNT} together")
-        return cls(mix=mix, decode=decode)
+        return cls(mix=mix, decode=decode, moe=moe)
+
+
+def _options(text: str) -> tuple[str, dict[str, str]]:
+    """Split the trailing ``@option`` words off a plan's text: a decode mode (full, bypass) and an MoE
+    routing (free, freeze), each at most once."""
+    options: dict[str, str] = {}
+    whole = text
+    while True:
+        head, at, tail = text.rpartition("@")
+        word = tail.strip().lower()
+        kind = "decode" if word in DECODES else "moe" if word in MOES else None
+        if not at or kind is None:
+            return text, options
+        if kind in options:
+            raise PlanError(f"plan {whole!r} gives the {'decode mode' if kind == 'decode' else 'MoE routing'} twice")
+        options[kind] = word
+        text = head
 
 
 def _table_from_flat(flat: list[float], start: object, end: object, count: object) -> Table:

@@ -19,7 +19,7 @@ import numpy as np
 from . import _lib
 from .errors import BackendError
 from .gguf_io import metadata, open_gguf
-from .plan import RULES, LoopPlan, Mix
+from .plan import MOES, RULES, LoopPlan, Mix
 from .rpc import loading_with_devices, model_devices, watch_connections
 
 # (token, position, sequence, wants logits)
@@ -114,6 +114,11 @@ class LoopedLlama(llama_cpp.Llama):
         return _backend_decode(self.ctx)
 
     @property
+    def moe(self) -> str:
+        """How MoE layers route the later passes: "free" (anew) or "freeze" (as pass 0 did)."""
+        return _backend_moe(self.ctx)
+
+    @property
     def model_size(self) -> int:
         """Bytes of the model's weights, as llama.cpp counts them (a plan does not change it)."""
         return int(llama_cpp.llama_model_size(self.model))
@@ -123,7 +128,7 @@ class LoopedLlama(llama_cpp.Llama):
         """The plan read back from the backend."""
         start, end, count = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
         if _lib.llama_model_loop_plan(self.model, ctypes.byref(start), ctypes.byref(end), ctypes.byref(count)):
-            return LoopPlan(start.value, end.value, count.value, mix=self.mix, decode=self.decode)
+            return LoopPlan(start.value, end.value, count.value, mix=self.mix, decode=self.decode, moe=self.moe)
         schedule = self.schedule
         if schedule == list(range(self.n_layer_phys)):
             return LoopPlan()
@@ -149,6 +154,7 @@ class LoopedLlama(llama_cpp.Llama):
         ):
             self.set_mix(plan.mix)
             self.set_decode(plan.decode)
+            self.set_moe(plan.moe)
             return
         plan.validate(self.n_layer_phys)
         arch = str(self.metadata.get("general.architecture", "unknown"))
@@ -156,6 +162,10 @@ class LoopedLlama(llama_cpp.Llama):
             raise _lib.BackendError(
                 f"architecture '{arch}' does not support layer schedules "
                 f"(supported: {', '.join(_lib.supported_archs())})"
+            )
+        if plan.moe == "freeze" and not _n_expert(self.metadata):
+            raise _lib.BackendError(
+                f"MoE routing freeze needs a mixture-of-experts model; this {arch} model has no experts"
             )
         # the backend changes a schedule only while no context exists: free the native context, keep its wrapper
         llama_cpp.llama_free(self._ctx.ctx)
@@ -174,9 +184,15 @@ class LoopedLlama(llama_cpp.Llama):
         if status != 0:
             self.set_mix(current.mix)  # the backend kept the old schedule; the cache is lost with the context
             self.set_decode(current.decode)
+            self.set_moe(current.moe)
             _lib.check(status)
         self.set_mix(plan.mix)
         self.set_decode(plan.decode)
+        try:
+            self.set_moe(plan.moe)
+        except _lib.BackendError:
+            self.set_loop(current)  # a block without MoE layers: back to the plan that ran
+            raise
 
     def _new_native_context(self) -> None:
         ctx = llama_cpp.llama_init_from_model(self.model, self.context_params)
@@ -207,6 +223,21 @@ class LoopedLlama(llama_cpp.Llama):
         if decode == "bypass" and not self.plan.end:
             raise _lib.BackendError("decode bypass needs a start:end xcount plan")
         _lib.check(_lib.llama_set_loop_decode(self.ctx, decode.encode()))
+
+    def set_moe(self, moe: str) -> None:
+        """How the MoE layers of the block route the later passes: "free" (each pass routes its own input) or
+        "freeze" (each token reuses pass 0's expert selection and gate weights; the experts run on the current
+        input). Clears the KV cache: the K/V of later passes depend on it."""
+        self._check_idle()
+        if moe not in MOES:
+            raise _lib.BackendError(f"unknown MoE routing {moe!r}: expected free or freeze")
+        if moe == self.moe:
+            return
+        if _lib.llama_set_loop_moe is None:
+            raise _lib.BackendError("this build of the backend predates MoE routing freeze: rebuild it (make backend)")
+        _lib.check(_lib.llama_set_loop_moe(self.ctx, moe.encode()))
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        self.n_tokens = 0
 
     def _check_idle(self) -> None:
         if self._streaming:
@@ -328,6 +359,8 @@ class SideContext:
             _set_backend_mix(self.ctx, plan.mix, plan.start, plan.end)
             if plan.decode != "full":
                 _lib.check(_lib.llama_set_loop_decode(self.ctx, plan.decode.encode()))
+            if plan.moe != "free":
+                _lib.check(_lib.llama_set_loop_moe(self.ctx, plan.moe.encode()))  # the model checked it at load
         except _lib.BackendError:
             self.close()
             raise
@@ -483,6 +516,19 @@ def _plan_count(ctx: Any) -> int:
 
 def _backend_decode(ctx: Any) -> str:
     return _lib.llama_get_loop_decode(ctx).decode() if _lib.llama_get_loop_decode is not None else "full"
+
+
+def _backend_moe(ctx: Any) -> str:
+    return _lib.llama_get_loop_moe(ctx).decode() if _lib.llama_get_loop_moe is not None else "free"
+
+
+def _n_expert(metadata: dict) -> int:
+    """The number of experts the GGUF metadata declares (0: a dense model)."""
+    arch = metadata.get("general.architecture", "")
+    try:
+        return int(metadata.get(f"{arch}.expert_count", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _ranges(schedule: list[int]) -> tuple[tuple[int, int], ...]:

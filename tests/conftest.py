@@ -42,6 +42,7 @@ def open_model(path, loop=None, n_batch=64, **kw):
     from ggufloop import LoopedLlama
 
     kw.setdefault("n_ctx", 128)
+    kw.setdefault("logits_all", True)
     kw.setdefault("type_k", 0)  # GGML_TYPE_F32
     kw.setdefault("type_v", 0)
     return LoopedLlama(
@@ -49,7 +50,6 @@ def open_model(path, loop=None, n_batch=64, **kw):
         loop=loop,
         n_batch=n_batch,
         n_ubatch=n_batch,
-        logits_all=True,
         n_threads=2,
         n_threads_batch=2,
         seed=0,

@@ -39,8 +39,35 @@ def rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool) -> np.ndarray:
     return out
 
 
-def layer(spec: Spec, w: dict, x: np.ndarray, pos: np.ndarray, swa: bool) -> np.ndarray:
-    """One decoder layer of the architecture on the states x [tokens, n_embd]."""
+def moe_ffn(spec: Spec, w: dict, h: np.ndarray, route: list | None) -> np.ndarray:
+    """qwen3moe's FFN: softmax router, the top n_expert_used experts, their weights normalized to sum 1.
+
+    ``route``: None, or a list that pass 0 fills with its (experts, weights) and later passes read (the
+    MoE routing freeze): the experts then run on the current h with pass 0's choice and weights."""
+    if route:
+        experts, gates = route[0]
+    else:
+        logits = h @ w["ffn_gate_inp.weight"].T  # [tokens, n_expert]
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        experts = np.argsort(-probs, axis=-1, kind="stable")[:, : spec.n_expert_used]
+        gates = np.take_along_axis(probs, experts, axis=-1)
+        gates = gates / gates.sum(-1, keepdims=True)
+        if route is not None:
+            route.append((experts, gates))
+    out = np.zeros_like(h)
+    for k in range(spec.n_expert_used):
+        for e in np.unique(experts[:, k]):
+            rows = experts[:, k] == e
+            x = h[rows]
+            gate, up = x @ w["ffn_gate_exps.weight"][e].T, x @ w["ffn_up_exps.weight"][e].T
+            act = (gate / (1.0 + np.exp(-gate))) * up
+            out[rows] += gates[rows, k : k + 1] * (act @ w["ffn_down_exps.weight"][e].T)
+    return out
+
+
+def layer(spec: Spec, w: dict, x: np.ndarray, pos: np.ndarray, swa: bool, route: list | None = None) -> np.ndarray:
+    """One decoder layer of the architecture on the states x [tokens, n_embd]; ``route``: see moe_ffn."""
     T, H, KV, D = len(x), spec.n_head, spec.n_head_kv, spec.head_dim
     h = rms_norm(x, w["attn_norm.weight"], spec.eps)
     q, k, v = h @ w["attn_q.weight"].T, h @ w["attn_k.weight"].T, h @ w["attn_v.weight"].T
@@ -64,6 +91,8 @@ def layer(spec: Spec, w: dict, x: np.ndarray, pos: np.ndarray, swa: bool) -> np.
         attn = rms_norm(attn, w["post_attention_norm.weight"], spec.eps)
     x = x + attn
     h = rms_norm(x, w["ffn_norm.weight"], spec.eps)
+    if "ffn_gate_inp.weight" in w:
+        return x + moe_ffn(spec, w, h, route)
     gate, up = h @ w["ffn_gate.weight"].T, h @ w["ffn_up.weight"].T
     act = gelu_ggml(gate) if spec.arch == "gemma3" else gate / (1.0 + np.exp(-gate))
     ffn = (act * up) @ w["ffn_down.weight"].T
@@ -170,13 +199,15 @@ def forward(
     param: float | None = None,
     table: np.ndarray | None = None,
     generated: np.ndarray | None = None,
+    moe: str = "free",
 ) -> np.ndarray:
     """Logits of every position for the plan (start, end, count) with the given mix.
 
     ``param``: a rule's parameter; ``table``: a weights table [m][K][K]; ``generated``: a mask of the
     positions decoded as generated tokens under decode bypass: they run pass 0 of the block only, and
     the K/V that they leave for pass t >= 1 are their pass-0 K/V, i.e. computed from their pass-0 input
-    of that block layer (their rows of the later passes' inputs are replaced by it)."""
+    of that block layer (their rows of the later passes' inputs are replaced by it). ``moe``: "freeze"
+    makes the later passes of a block layer route as its pass 0 did (moe_ffn)."""
     x = weights["token_embd.weight"][tokens].astype(np.float64)
     if spec.arch == "gemma3":
         x = x * np.sqrt(spec.n_embd)
@@ -190,6 +221,7 @@ def forward(
     if m > 0:
         outs: list[list[np.ndarray]] = [[] for _ in range(m)]
         inputs0: list[np.ndarray] = []  # the pass-0 input of each block layer
+        routes: list[list | None] = [[] if moe == "freeze" else None for _ in range(m)]
         x0 = x_in = x
         for t in range(count):
             for j in range(m):
@@ -197,7 +229,7 @@ def forward(
                 if t == 0:
                     inputs0.append(x)
                 x = np.where(gen[:, None], inputs0[j], x)  # generated tokens: pass-0 inputs (and K/V)
-                outs[j].append(layer(spec, layers[il], x, pos, swa[il]))
+                outs[j].append(layer(spec, layers[il], x, pos, swa[il], routes[j]))
                 if mix in ("euler", "anchored", "inputanchor"):
                     x = outs[j][-1]
                     if j == m - 1:

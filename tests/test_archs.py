@@ -1,7 +1,8 @@
 """Layer schedules on every architecture the backend allows, on llama.cpp's own random models
 (tests/archs.py): a plan equals the physically duplicated file, K = 1 is the model, the mixes'
-defining properties hold, incremental decoding equals the whole prompt. And the designs no
-schedule can repeat are refused with the layer and the reason."""
+defining properties hold, incremental decoding equals the whole prompt; on MoE models the routing
+freeze reaches the architecture's router. And the designs no schedule can repeat are refused with
+the layer and the reason."""
 
 from __future__ import annotations
 
@@ -25,9 +26,21 @@ MINIMUM = (
 # the copies runs the architectures whose layer types follow the index (gemma2's alternating
 # sliding-window layers, llama4's interleaved MoE) like the plan, which keeps the physical types.
 # A mid block, a block ending at the last layer (pruned rows) and a general schedule.
+# The graphs that skip RoPE on every 4th layer by its number (NOPE_BY_NUMBER) run a layer at a number
+# of its own kind only: blocks of 4 layers there (the backend refuses the others, with the reason).
+NOPE_BY_NUMBER = {"llama4": 4, "smollm3": 4}
 
 
-def _plans(n_layer: int) -> list[str]:
+def _block(name: str) -> tuple[int, int]:
+    """A block of the model that every check can loop."""
+    step = NOPE_BY_NUMBER.get(_arch(name))
+    return (0, step) if step else (1, 3)
+
+
+def _plans(name: str, n_layer: int) -> list[str]:
+    if _arch(name) in NOPE_BY_NUMBER:
+        s, e = _block(name)
+        return [f"{s}:{e}x3", f"{n_layer - e + s}:{n_layer}x2", f"{s}:{e},0:{n_layer}"]
     return ["1:3x3", f"{n_layer - 2}:{n_layer}x2", f"0:3,1:{n_layer}"]
 
 
@@ -77,7 +90,8 @@ def test_architecture(name, tmp_path):
     base = _logits(path)
     assert np.isfinite(base).all()
     n_layer = model_info(path).n_layer  # 4; llama4 and gemma4 have their own
-    for plan in _plans(n_layer):
+    s, e = _block(name)
+    for plan in _plans(name, n_layer):
         schedule = LoopPlan.parse(plan).schedule(n_layer)
         dup = write_duplicated(path, tmp_path / f"dup-{plan.replace(':', '_').replace(',', '-')}.gguf", schedule)
         looped, want = _logits(path, plan), _logits(dup)
@@ -88,13 +102,13 @@ def test_architecture(name, tmp_path):
         assert rel_err(looped, base) > 1e-4, f"{plan} does not change the model"
 
     # K = 1 is the model, with or without a mix; ema:0 is the model, ema:1 naive looping
-    assert np.array_equal(_logits(path, "1:3x1"), base)
-    assert np.array_equal(_logits(path, "1:3x1/uniform"), base)
-    assert rel_err(_logits(path, "1:3x3/ema:0"), base) < 1e-5
-    assert rel_err(_logits(path, "1:3x3/ema:1"), _logits(path, "1:3x3")) < 1e-6
+    assert np.array_equal(_logits(path, f"{s}:{e}x1"), base)
+    assert np.array_equal(_logits(path, f"{s}:{e}x1/uniform"), base)
+    assert rel_err(_logits(path, f"{s}:{e}x3/ema:0"), base) < 1e-5
+    assert rel_err(_logits(path, f"{s}:{e}x3/ema:1"), _logits(path, f"{s}:{e}x3")) < 1e-6
 
     # incremental decoding equals the whole prompt, naive and mixed
-    for plan in ("1:3x3", "1:3x3/uniform"):
+    for plan in (f"{s}:{e}x3", f"{s}:{e}x3/uniform"):
         llm = open_model(path, plan, n_ctx=256)
         try:
             full = eval_logits(llm, PROMPT)
@@ -102,6 +116,57 @@ def test_architecture(name, tmp_path):
             assert rel_err(eval_logits(llm, PROMPT, step=5), full) < INCREMENTAL_TOL, plan
         finally:
             llm.close()
+
+
+def _moe_layers(path) -> set[int]:
+    """The layers with an expert router (an ffn_gate_inp tensor)."""
+    from ggufloop.gguf_io import open_gguf
+
+    return {int(t.name.split(".")[1]) for t in open_gguf(path).tensors if ".ffn_gate_inp." in t.name}
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if _moe_layers(MODELS[n])])
+def test_moe_routing_freeze(name):
+    """The freeze acts on the architecture's MoE layers (it changes the looped model, so the router goes
+    through the hook), is the model at K = 1 and keeps incremental decoding equal to the whole prompt."""
+    path = MODELS[name]
+    s, e = _block(name)
+    assert set(range(s, e)) & _moe_layers(path), "the block has an MoE layer"
+    plan = f"{s}:{e}x3"
+    assert np.array_equal(_logits(path, f"{s}:{e}x1@freeze"), _logits(path))
+    frozen = _logits(path, plan + "@freeze")
+    assert rel_err(frozen, _logits(path, plan)) > 1e-6, "the freeze does not reach this architecture's router"
+    llm = open_model(path, plan + "/uniform@freeze", n_ctx=256)
+    try:
+        full = eval_logits(llm, PROMPT)
+        assert rel_err(eval_logits(llm, PROMPT, step=1), full) < INCREMENTAL_TOL
+    finally:
+        llm.close()
+
+
+def test_moe_routing_freeze_needs_an_moe_layer_in_the_block():
+    name = "deepseek2-moe"  # layer 0 is dense (leading_dense_block_count = 1)
+    assert _moe_layers(MODELS[name]) == {1, 2, 3}
+    # at K = 1 (a dense layer moved to another number is refused before: test_a_layer_runs_only_at_...)
+    with pytest.raises(BackendError, match="the block 0:1 has no MoE layer"):
+        open_model(MODELS[name], "0:1x1@freeze", n_ctx=256)
+    open_model(MODELS[name], "0:2x1@freeze", n_ctx=256).close()
+
+
+@pytest.mark.parametrize(
+    "name, plan, reason",
+    [
+        ("deepseek2-moe", "0:2x3", "layer 0 would run as layer 2, but this model's first 1 layer\\(s\\) are dense"),
+        ("deepseek2-moe", "0:2,0:4", "layer 0 would run as layer 2"),
+        ("smollm3-dense", "1:3x3", "layer 1 would run as layer 3, but every 4-th layer of this model skips RoPE"),
+        ("llama4-moe", "2:4x2", "layer 3 would run as layer 5, but every 4-th layer of this model skips RoPE"),
+    ],
+)
+def test_a_layer_runs_only_at_a_number_of_its_type(name, plan, reason):
+    """Graphs that pick a layer's type by its number (dense or MoE, RoPE or not) would run a moved layer as
+    another type (a crash, or another function): such schedules are refused, naming the layer."""
+    with pytest.raises(BackendError, match=reason):
+        open_model(MODELS[name], plan, n_ctx=256)
 
 
 def test_other_architectures_are_refused_with_the_reason():

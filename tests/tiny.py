@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+MOE_ARCH = "qwen3moe"  # qwen3's attention, a mixture-of-experts FFN in every layer (softmax router, top-k, normalized)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Spec:
     rope_base_swa: float = 10000.0
     n_swa: int = 5  # gemma3: a window smaller than the test prompts
     swa_pattern: tuple[bool, ...] = (True, True, False, True, True, False)  # gemma3: 2 global layers of 6
+    n_expert: int = 6  # qwen3moe
+    n_expert_used: int = 2
+    n_ff_exp: int = 32
 
     @property
     def neox(self) -> bool:
@@ -62,13 +66,20 @@ def make_weights(spec: Spec, seed: int = 0) -> dict[str, np.ndarray]:
         w[p + "attn_v.weight"] = mat(KV * D, E)
         w[p + "attn_output.weight"] = mat(E, H * D)
         w[p + "ffn_norm.weight"] = norm(E)
-        w[p + "ffn_gate.weight"] = mat(F, E)
-        w[p + "ffn_up.weight"] = mat(F, E)
-        w[p + "ffn_down.weight"] = mat(E, F)
+        if spec.arch == MOE_ARCH:
+            X, FE = spec.n_expert, spec.n_ff_exp
+            w[p + "ffn_gate_inp.weight"] = mat(X, E) * 4  # a router with clear preferences
+            w[p + "ffn_gate_exps.weight"] = np.stack([mat(FE, E) for _ in range(X)])
+            w[p + "ffn_up_exps.weight"] = np.stack([mat(FE, E) for _ in range(X)])
+            w[p + "ffn_down_exps.weight"] = np.stack([mat(E, FE) for _ in range(X)])
+        else:
+            w[p + "ffn_gate.weight"] = mat(F, E)
+            w[p + "ffn_up.weight"] = mat(F, E)
+            w[p + "ffn_down.weight"] = mat(E, F)
         if spec.arch == "qwen2":
             for t, n in (("q", H * D), ("k", KV * D), ("v", KV * D)):
                 w[p + f"attn_{t}.bias"] = (0.1 * rng.standard_normal(n)).astype(np.float32)
-        if spec.arch in ("qwen3", "gemma3"):
+        if spec.arch in ("qwen3", "gemma3", MOE_ARCH):
             w[p + "attn_q_norm.weight"] = norm(D)
             w[p + "attn_k_norm.weight"] = norm(D)
         if spec.arch == "gemma3":
@@ -107,6 +118,10 @@ def write_model(
     w.add_layer_norm_rms_eps(spec.eps)
     w.add_rope_freq_base(spec.rope_base)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if arch == MOE_ARCH:
+        w.add_expert_count(spec.n_expert)
+        w.add_expert_used_count(spec.n_expert_used)
+        w.add_expert_feed_forward_length(spec.n_ff_exp)
     if arch == "gemma3":
         w.add_sliding_window(spec.n_swa)
         w.add_array(f"{arch}.attention.sliding_window_pattern", [bool(spec.swa_pattern[il]) for il in layer_map])

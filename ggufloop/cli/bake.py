@@ -15,11 +15,11 @@ from .options import plan_from, plan_options
 @click.argument("model")
 @plan_options(required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The new GGUF file.")
-def command(model: str, loop: str, mix: str | None, decode: str | None, output: str) -> None:
+def command(model: str, loop: str, mix: str | None, decode: str | None, moe: str | None, output: str) -> None:
     """Store a loop plan in a copy of MODEL's metadata (tensors unchanged)."""
     from ..gguf_io import write_plan
     from ..models import resolve
 
-    plan = plan_from(loop, mix, decode=decode)
+    plan = plan_from(loop, mix, decode=decode, moe=moe)
     out = write_plan(resolve(model), output, plan)
     click.echo(f"wrote {out} with plan {plan}")

@@ -12,8 +12,9 @@ from ..plan import LoopPlan, Mix
 from .options import describe, load, runtime_options
 
 HELP = (
-    "commands: /loop PLAN (e.g. /loop 12:16x2 keeps the mix and decode mode, /loop none), /mix MIX "
+    "commands: /loop PLAN (e.g. /loop 12:16x2 keeps the mix, decode mode and MoE routing, /loop none), /mix MIX "
     "(e.g. /mix anchored:0.5), /decode full|bypass (bypass: answers run the block once), "
+    "/moe free|freeze (MoE models: freeze reuses pass 0's expert routing), "
     "/compare (the last message again, unlooped), /reset, /quit"
 )
 
@@ -101,7 +102,7 @@ def handle_command(llm, line: str, messages: list[dict], settings: dict) -> bool
             if "/" not in arg and plan.end and not plan.ranges:
                 plan = plan.with_mix(llm.mix)  # new layers, same mix
             if "@" not in arg and plan.end and not plan.ranges:
-                plan = plan.with_decode(llm.decode)  # and the same decode mode
+                plan = plan.with_decode(llm.decode).with_moe(llm.moe)  # and the same decode mode and routing
             llm.set_loop(plan)
             click.echo(f"({describe(llm)})")
         elif cmd == "/compare":
@@ -111,6 +112,9 @@ def handle_command(llm, line: str, messages: list[dict], settings: dict) -> bool
             click.echo(f"({describe(llm)})")
         elif cmd == "/decode" and arg:
             llm.set_decode(arg.strip().lower())
+            click.echo(f"({describe(llm)})")
+        elif cmd == "/moe" and arg:
+            llm.set_moe(arg.strip().lower())
             click.echo(f"({describe(llm)})")
         else:
             click.echo(HELP)

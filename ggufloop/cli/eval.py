@@ -32,6 +32,7 @@ def command(
     loop: str,
     mix: str | None,
     decode: str | None,
+    moe: str | None,
     limit: int | None,
     shots: int | None,
     db: str,
@@ -51,7 +52,7 @@ def command(
 
     placement = Placement.from_options(rpc, tensor_split, n_gpu_layers)
     quiet_llama_logs()
-    plan = plan_from(loop, mix, decode=decode)
+    plan = plan_from(loop, mix, decode=decode, moe=moe)
     task_list = resolve_tasks(tasks)
     path = resolve(model)
     total = 2 * sum(len(t.items(shots, limit)) for t in task_list)

@@ -34,15 +34,22 @@ DECODE_HELP = (
     "What generated tokens run: full (the plan) or bypass (the block once; prompts still run the plan). "
     "Default: the plan's own (PLAN@bypass), else full."
 )
+MOE_HELP = (
+    "MoE models: how the block's expert routers treat the later passes: free (route anew) or freeze (reuse "
+    "pass 0's experts and gate weights). Default: the plan's own (PLAN@freeze), else free."
+)
 
 
 def plan_options(
     required: bool = False, default_help: str = " Default: the plan stored in the file, if any."
 ) -> Callable:
-    """--loop PLAN, --mix MIX and --decode MODE; the command receives them as the strings ``loop``,
-    ``mix`` and ``decode`` (combine them with ``plan_from``)."""
+    """--loop PLAN, --mix MIX, --decode MODE and --moe ROUTING; the command receives them as the strings
+    ``loop``, ``mix``, ``decode`` and ``moe`` (combine them with ``plan_from``)."""
 
     def decorate(fn: Callable) -> Callable:
+        fn = click.option(
+            "--moe", default=None, type=click.Choice(["free", "freeze"]), metavar="ROUTING", help=MOE_HELP
+        )(fn)
         fn = click.option(
             "--decode", default=None, type=click.Choice(["full", "bypass"]), metavar="MODE", help=DECODE_HELP
         )(fn)
@@ -60,16 +67,21 @@ def plan_options(
 
 
 def plan_from(
-    loop: str | None, mix: str | None, stored: LoopPlan | None = None, decode: str | None = None
+    loop: str | None,
+    mix: str | None,
+    stored: LoopPlan | None = None,
+    decode: str | None = None,
+    moe: str | None = None,
 ) -> LoopPlan | None:
-    """The plan that --loop, --mix and --decode ask for: --loop's plan (else the stored one), with
-    --mix's mix and --decode's mode when given; None when no option is given and there is no stored
-    plan to fall back on."""
-    if loop is None and mix is None and decode is None:
+    """The plan that --loop, --mix, --decode and --moe ask for: --loop's plan (else the stored one), with
+    --mix's mix, --decode's mode and --moe's routing when given; None when no option is given and there
+    is no stored plan to fall back on."""
+    if loop is None and mix is None and decode is None and moe is None:
         return stored
     plan = LoopPlan.parse(loop) if loop is not None else (stored or LoopPlan())
     plan = plan.with_mix(Mix.parse(mix)) if mix is not None else plan
-    return plan.with_decode(decode) if decode is not None else plan
+    plan = plan.with_decode(decode) if decode is not None else plan
+    return plan.with_moe(moe) if moe is not None else plan
 
 
 def parse_mixes(text: str) -> tuple[str, ...]:
@@ -210,6 +222,7 @@ def load(
     rpc: str | None = None,
     tensor_split: str | None = None,
     decode: str | None = None,
+    moe: str | None = None,
     **extra: Any,
 ) -> LoopedLlama:
     """Resolve the model argument and open it with the plan and the placement the options ask for."""
@@ -223,8 +236,8 @@ def load(
         quiet_llama_logs()
     path = resolve(model)
     info = model_info(path)
-    stored = info.stored_plan if loop is None and (mix is not None or decode is not None) else None
-    plan = plan_from(loop, mix, stored, decode)
+    stored = info.stored_plan if loop is None and (mix, decode, moe) != (None, None, None) else None
+    plan = plan_from(loop, mix, stored, decode, moe)
     if ctx_size is None:
         ctx_size = min(DEFAULT_CTX, info.context_length or DEFAULT_CTX)
     check_context(info, ctx_size, (plan or info.stored_plan).virtual_depth(info.n_layer))

@@ -47,6 +47,7 @@ def command(
     loop: str | None,
     mix: str | None,
     decode: str | None,
+    moe: str | None,
     api_key: str | None,
     host: str,
     port: int,
@@ -91,7 +92,7 @@ def command(
         if name in named:
             raise PlanError(f"plan name {name!r} is given twice")
         named[name] = plan
-    default = plan_from(loop, mix, info.stored_plan, decode)
+    default = plan_from(loop, mix, info.stored_plan, decode, moe)
     config = server.ServeConfig(
         model_path=path,
         plans=named,

@@ -24,6 +24,7 @@ def command(
     loop: str,
     mix: str | None,
     decode: str | None,
+    moe: str | None,
     compare: str | None,
     threads: int | None,
     output: str,
@@ -34,7 +35,7 @@ def command(
     from ..trajectory import summary, trace_runs
 
     quiet_llama_logs()
-    plan = plan_from(loop, mix, decode=decode)
+    plan = plan_from(loop, mix, decode=decode, moe=moe)
     if plan.ranges or not plan.end:
         raise click.BadParameter("trace takes a block plan START:ENDxCOUNT", param_hint="--loop")
     mixes = list(dict.fromkeys([str(plan.mix)] + [m.strip() for m in (compare or "").split(",") if m.strip()]))
