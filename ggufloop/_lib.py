@@ -8,6 +8,7 @@ says how to build the patched one.
 from __future__ import annotations
 
 import ctypes
+import os
 
 from llama_cpp import llama_cpp as _llama
 
@@ -203,3 +204,22 @@ ggml_backend_rpc_add_server_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_
 # ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback);
 ggml_abort_callback_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 ggml_set_abort_callback = _declare_ggml("ggml_set_abort_callback", [ggml_abort_callback_t], ctypes.c_void_p)
+
+
+# -- fatal errors ------------------------------------------------------------------------------
+# llama-cpp-python points file descriptor 2 at /dev/null while it loads a model or a context
+# (verbose=False), so an abort inside llama.cpp (GGML_ABORT, a failed GGML_ASSERT) would end the
+# process without a word. ggml hands the message to this callback before it aborts; it goes to the
+# stderr the process had when ggufloop loaded the library.
+_STDERR_FD = os.dup(2)
+_abort_callback_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+
+@_abort_callback_t
+def _report_abort(message: bytes | None) -> None:
+    os.write(_STDERR_FD, b"error: llama.cpp stopped the process: " + (message or b"(no message)") + b"\n")
+
+
+ggml_set_abort_callback = _declare_ggml("ggml_set_abort_callback", [_abort_callback_t], ctypes.c_void_p)
+if ggml_set_abort_callback is not None:
+    ggml_set_abort_callback(_report_abort)

@@ -356,3 +356,37 @@ def test_a_general_schedule_overrides_a_plan_baked_into_the_file(tiny_models, tm
         assert llm.schedule == list(range(6)) and str(llm.plan) == "none"
     finally:
         llm.close()
+
+
+ABORT = """
+from llama_cpp._utils import suppress_stdout_stderr
+{imports}
+with suppress_stdout_stderr(disable=False):  # as Llama does while it loads, with verbose=False
+    llama_cpp.llama_cpp._lib.ggml_abort(b"ggml.c", 42, b"GGML_ASSERT(%s) failed", b"n_dims <= 4")
+"""
+
+
+def test_a_fatal_error_inside_llama_cpp_is_never_silent():
+    """An abort inside llama.cpp while llama-cpp-python has stderr pointed at /dev/null: without ggufloop the
+    process ends without a word (the first run shows it); with it, the user reads why."""
+    for imports, shown in (("import llama_cpp", False), ("import llama_cpp\nimport ggufloop._lib", True)):
+        code = ABORT.format(imports=imports)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -signal.SIGABRT
+        message = "error: llama.cpp stopped the process: ggml.c:42: GGML_ASSERT(n_dims <= 4) failed"
+        assert (message in proc.stderr) == shown, proc.stderr
+        assert ("GGML_ASSERT" in proc.stderr) == shown, proc.stderr
+
+
+def test_a_crash_is_never_silent():
+    """A segmentation fault while llama-cpp-python has stderr pointed at /dev/null (the commands' set-up):
+    silent without ggufloop's report (the first run), named with it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    for setup, shown in (("", False), ("from ggufloop.cli import report_crashes\nreport_crashes()\n", True)):
+        code = (
+            f"import ctypes\nfrom llama_cpp._utils import suppress_stdout_stderr\n{setup}"
+            "with suppress_stdout_stderr(disable=False):\n    ctypes.string_at(0)\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == -signal.SIGSEGV
+        assert ("Fatal Python error: Segmentation fault" in proc.stderr) == shown, proc.stderr

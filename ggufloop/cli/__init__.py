@@ -7,7 +7,9 @@ calls above a small click command; options shared by several commands are in ``o
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -58,6 +60,12 @@ class LazyGroup(click.Group):
             sys.exit(1)
 
 
+def report_crashes() -> None:
+    """A crash inside llama.cpp (a segmentation fault) names itself, with the Python stack, on the stderr
+    the command started with, even while llama-cpp-python points file descriptor 2 at /dev/null."""
+    faulthandler.enable(file=os.fdopen(os.dup(2), "w"))
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ggufloop")
 def main() -> None:
@@ -67,3 +75,4 @@ def main() -> None:
     are shared and every pass has its own KV cache. --mix chooses how passes are combined
     (none, uniform, ema[:beta], autoalign[:T], noise[:seed]).
     """
+    report_crashes()
