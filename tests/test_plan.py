@@ -110,3 +110,13 @@ def test_generated_plans_round_trip(start, size, count, mix):
     plan = LoopPlan(start, start + size, count, mix=Mix.parse(mix))
     assert LoopPlan.parse(str(plan)) == plan
     assert len(plan.schedule(start + size + 3)) == start + size + 3 + (count - 1) * size
+
+
+def test_mix_lists_keep_inline_weight_tables_whole():
+    """tune --mixes and trace --compare split at the commas outside brackets."""
+    from ggufloop.cli.options import parse_mixes
+
+    table = "weights:[[1,0,0],[0.5,0.5,0],[0.25,0.25,0.5]]"
+    mixes = parse_mixes(f"none, uniform,{table},ema:0.3")
+    assert mixes[0] == "none" and mixes[1] == "uniform" and mixes[3] == "ema:0.3"
+    assert Mix.parse(mixes[2]).table == Mix.parse(table).table and len(mixes) == 4

@@ -84,9 +84,24 @@ def plan_from(
     return plan.with_moe(moe) if moe is not None else plan
 
 
+def split_list(text: str) -> list[str]:
+    """Split a comma-separated list at the commas outside brackets, so that an inline weight table
+    (``uniform,weights:[[1,0],[0.5,0.5]]``) stays one item."""
+    items, depth, current = [], 0, []
+    for ch in text:
+        depth += (ch in "[(") - (ch in "])")
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
 def parse_mixes(text: str) -> tuple[str, ...]:
     """``none,uniform,ema:0.3`` -> the mixes, each checked."""
-    mixes = tuple(str(Mix.parse(m)) for m in text.split(",") if m.strip())
+    mixes = tuple(str(Mix.parse(m)) for m in split_list(text))
     if not mixes:
         raise OptionError(f"no mix given: expected a comma-separated list of {', '.join(PLAN_MIXES)}")
     return mixes

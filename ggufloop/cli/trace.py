@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .options import plan_from, plan_options, quiet_llama_logs, writable_dir
+from .options import plan_from, plan_options, quiet_llama_logs, split_list, writable_dir
 
 
 @click.command("trace")
@@ -38,7 +38,7 @@ def command(
     plan = plan_from(loop, mix, decode=decode, moe=moe)
     if plan.ranges or not plan.end:
         raise click.BadParameter("trace takes a block plan START:ENDxCOUNT", param_hint="--loop")
-    mixes = list(dict.fromkeys([str(plan.mix)] + [m.strip() for m in (compare or "").split(",") if m.strip()]))
+    mixes = list(dict.fromkeys([str(plan.mix)] + split_list(compare or "")))
     for m in mixes:
         plan.with_mix(m)  # every mix checked before any work
     out = writable_dir(output)
