@@ -6,7 +6,7 @@
 # and exports them again after every step, so a killed run loses at most the step in flight.
 #
 #   bash docs/reproduction/run.sh            # everything, in order of priority
-#   bash docs/reproduction/run.sh cost       # one part: cost | heatmap | heldout
+#   bash docs/reproduction/run.sh cost       # one part: cost | families | heatmap | heldout
 #
 # Threads: GGUFLOOP_THREADS (default 2). Caps on items and shots, and why, are in docs/reproduction.md.
 set -euo pipefail
@@ -23,12 +23,30 @@ sync_rows() {  # import what git has, export what the database has
     "$G" report --db "$DB" --export "$ROWS" >/dev/null
 }
 
-cost() {  # tune against the full grid of the same 40 candidates on the same search items
+cost() {  # tune against the full grid of the same 40 candidates on the same search items, each timed from scratch
     local common="smollm2-135m-instruct --tasks winogrande --shots 0 --starts 8:18 --sizes 2:4 --counts 3 --mixes none,uniform -t $T"
-    "$G" tune $common --db "$DB" --json $OUT/cost/tune-halving.json > $OUT/cost/tune-halving.txt
-    sync_rows
-    "$G" tune $common --grid --db "$DB" --json $OUT/cost/tune-grid.json > $OUT/cost/tune-grid.txt
-    sync_rows
+    local method flag fresh
+    for method in halving grid; do
+        flag=""; [ $method = grid ] && flag=--grid
+        fresh=results/cost-$method.sqlite  # a database of its own, so that nothing is reused and the clock is fair
+        rm -f $fresh $fresh-wal $fresh-shm
+        /usr/bin/time -v -o $OUT/cost/time-$method.txt "$G" tune $common $flag --db $fresh \
+            --json $OUT/cost/tune-$method.json > $OUT/cost/tune-$method.txt
+        "$G" report --db $fresh --export results/cost-$method.csv.gz >/dev/null
+        "$G" report --db "$DB" --import results/cost-$method.csv.gz >/dev/null
+        sync_rows
+    done
+}
+
+families() {  # every way of looping, each tuned on the same candidates; judged against uniform on held-out items
+    local common="smollm2-135m-instruct --tasks winogrande --shots 0 --starts 8:18 --sizes 2:4 --counts 3 -t $T --db $DB"
+    local mix
+    mkdir -p $OUT/families
+    for mix in none uniform ema autoalign euler anchored inputanchor; do
+        "$G" tune $common --mixes $mix --json $OUT/families/tune-$mix.json > $OUT/families/tune-$mix.txt
+        sync_rows
+    done
+    "${PYTHON:-.venv/bin/python}" $OUT/families.py --db "$DB" $OUT/families/tune-*.json > $OUT/families/compare.md
 }
 
 heatmap() {  # the paper's heat map: WinoGrande, K = 3, naive and uniform, the same blocks and items
@@ -56,7 +74,7 @@ heldout() {  # the plan tune selects per mix family, against the unlooped model 
 }
 
 sync_rows
-for part in ${@:-cost heatmap heldout}; do
+for part in ${@:-cost families heatmap heldout}; do
     "$part"
 done
 sync_rows
