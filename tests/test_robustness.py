@@ -262,6 +262,9 @@ def test_outputs_and_arguments_are_checked_before_work(tiny_models, tmp_path):
     one_error(ggufloop("bench", path, "--no-stock", "--block", "0:99", "-o", str(tmp_path / "b")), "out of range")
     one_error(ggufloop("bench-scoring", path, "--tasks", "bogus"), "unknown task")
     one_error(ggufloop("bake", path, "--loop", "1:3x2", "-o", str(blocked / "x.gguf")), "cannot write")
+    # folders that os.access calls writable but where no file can be made (even for root): a real attempt decides
+    one_error(ggufloop("bake", path, "--loop", "1:3x2", "-o", "/proc/x.gguf"), "cannot write /proc/x.gguf")
+    one_error(ggufloop("bench", path, "--no-stock", "-o", "/proc/bench"), "output folder /proc/bench")
 
 
 @pytest.mark.data

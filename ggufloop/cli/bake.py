@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from .options import plan_from, plan_options
+from .options import plan_from, plan_options, writable_file
 
 
 @click.command("bake")
@@ -21,5 +21,5 @@ def command(model: str, loop: str, mix: str | None, decode: str | None, moe: str
     from ..models import resolve
 
     plan = plan_from(loop, mix, decode=decode, moe=moe)
-    out = write_plan(resolve(model), output, plan)
+    out = write_plan(resolve(model), writable_file(output), plan)
     click.echo(f"wrote {out} with plan {plan}")

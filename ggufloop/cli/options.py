@@ -6,6 +6,7 @@ llama.cpp's log handling. Nothing here loads llama.cpp until a command runs a mo
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,18 @@ def parse_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _cannot_create_in(folder: Path) -> str | None:
+    """None when a file can be created in folder, else why not: a real attempt (os.access misjudges
+    root, read-only mounts and special filesystems such as /proc)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".ggufloop-probe-")
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
 def writable_dir(path: str | Path) -> Path:
     """path as an output folder, created if needed; checked before any work starts."""
     out = Path(path)
@@ -124,8 +137,8 @@ def writable_dir(path: str | Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OptionError(f"cannot create the output folder {out}: {err.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise OptionError(f"cannot write to the output folder {out}: permission denied")
+    if why := _cannot_create_in(out):
+        raise OptionError(f"cannot write to the output folder {out}: {why}")
     return out
 
 
@@ -136,8 +149,10 @@ def writable_file(path: str | Path) -> Path:
         raise OptionError(f"{out} is a folder: give a file name")
     parent = out.resolve().parent
     if not parent.is_dir():
-        raise OptionError(f"the folder of {out} does not exist")
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise OptionError(f"cannot write {out}: its folder does not exist")
+    if why := _cannot_create_in(parent):
+        raise OptionError(f"cannot write {out}: {why}")
+    if out.exists() and not os.access(out, os.W_OK):
         raise OptionError(f"cannot write {out}: permission denied")
     return out
 
