@@ -50,15 +50,21 @@ families() {  # every way of looping, each tuned on the same candidates; judged 
 }
 
 heatmap() {  # the paper's heat map: WinoGrande, K = 3, naive and uniform, the same blocks and items
-    for mix in none uniform; do
-        "$G" sweep gemma3-270m --task winogrande --count 3 --mix $mix --sizes 2:5 --shots 0 --limit 500 -t $T \
-            --db "$DB" -o $OUT
-        sync_rows
-    done
-    for mix in none uniform; do
-        "$G" sweep smollm2-135m-instruct --task winogrande --count 3 --mix $mix --sizes 2:6 --starts 4:24 --shots 0 \
-            --limit 500 -t $T --db "$DB" -o $OUT
-        sync_rows
+    # one start at a time, both mixes, so that a stopped run leaves complete pairs to compare
+    local model sizes starts s mix
+    for spec in "gemma3-270m 2:5 0:17" "smollm2-135m-instruct 2:6 4:24"; do
+        read -r model sizes starts <<< "$spec"
+        for s in $(seq ${starts%:*} $(( ${starts#*:} - 1 ))); do
+            for mix in none uniform; do
+                "$G" sweep $model --task winogrande --count 3 --mix $mix --sizes $sizes --starts $s:$((s + 1)) \
+                    --shots 0 --limit 500 -t $T --db "$DB" -o results/heatmap-steps >/dev/null
+            done
+            sync_rows
+        done
+        for mix in none uniform; do  # the whole map from the database: Holm over all its blocks
+            "$G" sweep $model --task winogrande --count 3 --mix $mix --sizes $sizes --starts $starts --shots 0 \
+                --limit 500 -t $T --db "$DB" -o $OUT
+        done
     done
 }
 
