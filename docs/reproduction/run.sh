@@ -68,14 +68,13 @@ heatmap() {  # the paper's heat map: WinoGrande, K = 3, naive and uniform, the s
     done
 }
 
-heldout() {  # the plan tune selects per mix family, against the unlooped model on held-out items
-    local tasks=winogrande,arc_easy,arc_challenge,hellaswag
-    for model in gemma3-270m smollm2-135m-instruct qwen2.5-coder-0.5b-instruct; do
-        for mix in none uniform ema autoalign; do
-            "$G" tune $model --tasks $tasks --shots 0 --limit 1000 --counts 2,3 --mixes $mix -t $T --db "$DB" \
-                --json $OUT/heldout/tune-$model-$mix.json > $OUT/heldout/tune-$model-$mix.txt
-            sync_rows
-        done
+heldout() {  # per model, the plan tune selects among naive and uniform blocks, against the unlooped model on held-out items
+    local model
+    for model in smollm2-135m-instruct gemma3-270m qwen2.5-coder-0.5b-instruct; do
+        "$G" tune $model --tasks winogrande,arc_easy --shots 0 --limit 1000 --counts 3 --mixes none,uniform \
+            --finalists 2 --budget 8000 -t $T --db "$DB" \
+            --json $OUT/heldout/tune-$model.json > $OUT/heldout/tune-$model.txt
+        sync_rows
     done
 }
 
