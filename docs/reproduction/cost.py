@@ -41,7 +41,7 @@ def gnu_time(path: Path) -> dict[str, float]:
 
 def final_scores(run: dict) -> dict[str, float]:
     """Each candidate's paired difference from the unlooped model on the most items it was scored on."""
-    return {plan: rungs[-1]["diff"] for plan, rungs in run["search"]["scores"]}
+    return {plan: rungs[-1]["diff"] for plan, rungs in run["search"]["scores"].items()}
 
 
 def main() -> None:
