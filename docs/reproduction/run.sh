@@ -42,7 +42,7 @@ families() {  # every way of looping, each tuned on the same candidates; judged 
     local common="smollm2-135m-instruct --tasks winogrande --shots 0 --starts 8:18 --sizes 2:4 --counts 3 -t $T --db $DB"
     local mix
     mkdir -p $OUT/families
-    for mix in none uniform ema autoalign euler anchored inputanchor; do
+    for mix in ${FAMILIES:-none uniform ema autoalign euler anchored inputanchor}; do
         "$G" tune $common --mixes $mix --json $OUT/families/tune-$mix.json > $OUT/families/tune-$mix.txt
         sync_rows
     done

@@ -2,7 +2,7 @@
 
 The tokens an item's choices share (its context) are decoded once on one sequence, whose KV
 cache is then shared with one sequence per choice (llama.cpp's sequence copy), and each choice
-decodes only its own tokens. Several items go in one batch, and only the positions that predict a
+decodes only its own tokens, one sequence per decode. Only the positions that predict a
 continuation token produce logits.
 """
 
@@ -111,62 +111,37 @@ class Scorer:
 
     def score(self, items: list[Item]) -> list[list[float]]:
         """Log-likelihood of every choice of every item."""
-        prepared = [self.prepare(it) for it in items]
-        out: list[list[float]] = []
-        i = 0
-        while i < len(prepared):
-            group, seqs, toks = [], 0, 0
-            while i < len(prepared):
-                p = prepared[i]
-                need_seq = len(p.tokens)
-                need_tok = p.shared + sum(len(t) - p.shared for t in p.tokens)
-                if group and (seqs + need_seq > self.n_seq or toks + need_tok > self.n_batch):
-                    break
-                if need_seq > self.n_seq or need_tok > self.n_ctx:
-                    raise _lib.BackendError(
-                        f"item {p.item.id} needs {need_tok} tokens and {need_seq} sequences, "
-                        f"more than the scoring context ({self.n_ctx}, {self.n_seq}): "
-                        "its choices are too long"
-                    )
-                group.append(p)
-                seqs, toks = seqs + need_seq, toks + need_tok
-                i += 1
-            out += self._score_group(group)
-        return out
+        return [self._score_item(self.prepare(it)) for it in items]
 
-    def _score_group(self, group: list[_Prepared]) -> list[list[float]]:
+    def _score_item(self, p: _Prepared) -> list[float]:
+        """One item: its shared context decoded once, then each choice's own tokens on its own sequence,
+        one sequence per decode. llama.cpp's attention over a unified cache is not exact when one ubatch
+        holds the tokens of several sequences (llama.cpp issue 24962: up to 0.6 logits off, answers flip;
+        docs/reproduction/batch-noise.md), so no batch here mixes sequences, and every score equals the
+        naive one (each choice its own full sequence) bit for bit."""
+        if len(p.tokens) > self.n_seq or max(len(t) for t in p.tokens) > self.n_ctx:
+            raise _lib.BackendError(
+                f"item {p.item.id} needs {max(len(t) for t in p.tokens)} tokens and {len(p.tokens)} sequences, "
+                f"more than the scoring context ({self.n_ctx}, {self.n_seq}): its choices are too long"
+            )
         self.ctx.clear()
-        # 1. shared contexts, one sequence per item, logits only at the last shared position
-        base, entries = 0, []
-        for p in group:
-            entries += [(tok, pos, base, pos == p.shared - 1) for pos, tok in enumerate(p.tokens[0][: p.shared])]
-            base += len(p.tokens)
-        shared_rows = self._decode(entries)
-        # 2. every choice on its own sequence, sharing the context's cache
-        base, entries = 0, []
-        for p in group:
-            for c, toks in enumerate(p.tokens):
-                if c and p.shared:
-                    self.ctx.copy_sequence(base, base + c)
-                entries += [
-                    (toks[pos], pos, base + c, pos >= p.starts[c] - 1 and pos < len(toks) - 1)
+        rows = self._decode([(tok, pos, 0, pos == p.shared - 1) for pos, tok in enumerate(p.tokens[0][: p.shared])])
+        for c in range(1, len(p.tokens) if p.shared else 1):
+            self.ctx.copy_sequence(0, c)  # before any choice adds its own tokens to sequence 0
+        for c, toks in enumerate(p.tokens):
+            rows |= self._decode(
+                [
+                    (toks[pos], pos, c, pos >= p.starts[c] - 1 and pos < len(toks) - 1)
                     for pos in range(p.shared, len(toks))
                 ]
-            base += len(p.tokens)
-        choice_rows = self._decode(entries)
-        # 3. sum the log-probabilities of the continuation tokens
-        results, base = [], 0
-        for p in group:
-            lls = []
-            for c, toks in enumerate(p.tokens):
-                ll = 0.0
-                for k in range(p.starts[c], len(toks)):
-                    row = shared_rows[(base, k - 1)] if k - 1 < p.shared else choice_rows[(base + c, k - 1)]
-                    ll += float(row[toks[k]])
-                lls.append(ll)
-            results.append(lls)
-            base += len(p.tokens)
-        return results
+            )
+        lls = []
+        for c, toks in enumerate(p.tokens):
+            # the row that predicts token k: the shared context's last row, or the choice's own
+            lls.append(
+                sum(float(rows[(0 if k - 1 < p.shared else c, k - 1)][toks[k]]) for k in range(p.starts[c], len(toks)))
+            )
+        return lls
 
     def _decode(self, entries: list[Entry]) -> dict[tuple[int, int], np.ndarray]:
         """Decode (token, position, sequence, wants logits) entries in chunks of n_batch; returns

