@@ -320,9 +320,6 @@ class LoopedLlama(llama_cpp.Llama):
         super().load_state(state)
 
 
-FLASH_ATTN_AUTO = -1  # llama_flash_attn_type: on where the backend supports it
-
-
 class SideContext:
     """A llama.cpp context on a LoopedLlama's weights, for work that Llama's one-sequence API
     does not cover: several sequences sharing a KV cache, logits at chosen positions, an
@@ -347,9 +344,6 @@ class SideContext:
         params.n_seq_max = n_seq
         if n_seq > 1:
             params.kv_unified = True  # sequences share cache cells (sequence copies)
-        # flash attention where the backend has it: without it, llama.cpp's attention over an F16 cache depends on
-        # how a sequence is split into batches (up to 0.9 logits on SmolLM2; docs/reproduction/batch-noise.md)
-        params.flash_attn_type = FLASH_ATTN_AUTO
         if kv_type is not None:
             params.type_k = params.type_v = kv_type
         if cb_eval is not None:

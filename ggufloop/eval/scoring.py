@@ -117,8 +117,9 @@ class Scorer:
         """One item: its shared context decoded once, then each choice's own tokens on its own sequence,
         one sequence per decode. llama.cpp's attention over a unified cache is not exact when one ubatch
         holds the tokens of several sequences (llama.cpp issue 24962: up to 0.6 logits off, answers flip;
-        docs/reproduction/batch-noise.md), so no batch here mixes sequences, and every score equals the
-        naive one (each choice its own full sequence) bit for bit."""
+        docs/reproduction/batch-noise.md), so no batch here mixes sequences: an item's score does not depend
+        on the items scored with it or before it. (llama.cpp's CPU attention still sums a ubatch of 32 or
+        more tokens differently from shorter ones, so a score is that of this fixed way of decoding.)"""
         if len(p.tokens) > self.n_seq or max(len(t) for t in p.tokens) > self.n_ctx:
             raise _lib.BackendError(
                 f"item {p.item.id} needs {max(len(t) for t in p.tokens)} tokens and {len(p.tokens)} sequences, "
