@@ -47,13 +47,14 @@ def final_scores(run: dict) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", required=True)
+    parser.add_argument("--scorer", default=PROMPT_VERSION, help="scorer version of the rows (v1: before 2026-11-29)")
     args = parser.parse_args()
     halving = json.loads((HERE / "tune-halving.json").read_text())
     grid = json.loads((HERE / "tune-grid.json").read_text())
     task = halving["tasks"][0]
     store = Store(args.db)
     sha = store.model_sha(resolve(Path(halving["model"]).stem))
-    unit = lambda plan: Unit(sha, task, 0, PROMPT_VERSION, plan)  # noqa: E731
+    unit = lambda plan: Unit(sha, task, 0, args.scorer, plan)  # noqa: E731
 
     def correct(plan: str, part: str) -> list[int]:
         rows = store.rows(unit(plan))

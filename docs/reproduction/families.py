@@ -44,6 +44,7 @@ def load_runs(paths: list[str]) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", required=True)
+    parser.add_argument("--scorer", default=PROMPT_VERSION, help="scorer version of the rows (v1: before 2026-11-29)")
     parser.add_argument("runs", nargs="+")
     args = parser.parse_args()
     runs = load_runs(args.runs)
@@ -55,7 +56,7 @@ def main() -> None:
     def held_out(task: str, plan: str) -> dict[str, int]:
         items = ref["split"]["items"][task]["heldout"]
         shots = ref["shots"][task]
-        prompt = PROMPT_VERSION  # 0-shot, or examples from a separate split: the pool does not matter
+        prompt = args.scorer  # 0-shot, or examples from a separate split: the pool does not matter
         rows = store.rows(Unit(sha, task, shots, prompt, plan))
         missing = [i for i in items if i not in rows]
         if missing:
