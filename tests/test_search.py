@@ -21,6 +21,7 @@ from ggufloop.eval.search import (
     POOLED,
     HalvingConfig,
     SplitConfig,
+    TimeLimit,
     full_grid,
     grid_evaluations,
     halving_schedule,
@@ -191,6 +192,32 @@ def test_halving_budget_items_exhausted_and_grid():
     assert grid.best == best and len(grid.finalists) == 2
     with pytest.raises(ValueError, match="baseline"):
         successive_halving(["none", "plan0"], tasks, Recorder(table, tasks))
+
+
+def test_halving_time_limit_stops_before_a_rung_that_would_not_end_in_time():
+    """A clock that advances one second per item evaluation: rung 0 takes 1312 s, rung 1 960 s and
+    rung 2 1152 s, so a limit of 2500 s runs two rungs and one of 3500 s runs all three."""
+    names, best, tasks, table = halving_world(5)
+    now = [0.0]
+    record = Recorder(table, tasks)
+
+    def score(key, task, ids):
+        now[0] += len(ids)
+        return record(key, task, ids)
+
+    config = HalvingConfig(n0=16, top_k=2)
+    res = successive_halving(names, tasks, score, config, go_on=TimeLimit(2500, clock=lambda: now[0]))
+    assert res.stop_reason == "time" and res.evaluations == 1312 + 960 == now[0]
+    assert len(res.rungs) == 2 and res.finalists == res.rungs[-1].kept == res.rungs[-1].candidates[:2]
+    assert res.finalists == res.ranking[:2]
+    record, now[0] = Recorder(table, tasks), 0.0
+    full = successive_halving(names, tasks, score, config, go_on=TimeLimit(3500, clock=lambda: now[0]))
+    assert (
+        full.stop_reason == "narrowed"
+        and full.rungs == successive_halving(names, tasks, Recorder(table, tasks), config).rungs
+    )
+    with pytest.raises(ValueError, match="positive"):
+        TimeLimit(0)
 
 
 # --- the verdict -------------------------------------------------------------------------------

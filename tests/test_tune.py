@@ -130,6 +130,16 @@ def test_tune_end_to_end_and_resume_after_kill(tiny_models, tmp_path):
     assert rows(db) == after
     assert json.loads(out.read_text())["verdict"] == res["verdict"]
 
+    # a time limit already spent when rung 0 ends: the search stops there, its best 2 are judged
+    quick = tmp_path / "quick.json"
+    args[args.index(str(out))] = str(quick)
+    limited = subprocess.run([*args, "--time-limit", "0.001s"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert limited.returncode == 0, limited.stderr
+    q = json.loads(quick.read_text())["search"]
+    assert q["stop_reason"] == "time" and len(q["rungs"]) == 1 and q["time_limit_s"] == 0.001
+    assert q["finalists"] == q["rungs"][0]["kept"] == q["ranking"][:2]
+    assert "stopped: time" in limited.stdout
+
 
 def test_tune_refuses_bad_settings_with_one_line(tiny_models, tmp_path):
     model = str(tiny_models["llama"][2])
@@ -140,6 +150,9 @@ def test_tune_refuses_bad_settings_with_one_line(tiny_models, tmp_path):
         (["--starts", "40:50"], "no candidate plan"),
         (["--budget", "3"], "cannot pay for rung 0"),
         (["--tasks", "bogus"], "unknown task"),
+        (["--time-limit", "soon"], "bad duration"),
+        (["--time-limit", "0s"], "must be positive"),
+        (["--time-limit", "1m", "--grid"], "applies to successive halving"),
     ]:
         proc = subprocess.run(
             [

@@ -118,6 +118,24 @@ def parse_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``1.5h`` (a bare number is seconds) -> seconds."""
+    t = text.strip().lower()
+    unit = t[-1:] if t[-1:] in _SECONDS else "s"
+    try:
+        value = float(t[:-1] if t[-1:] in _SECONDS else t)
+    except ValueError:
+        raise OptionError(
+            f"bad duration {text!r}: expected a number with s, m or h, such as 90s, 30m or 1.5h"
+        ) from None
+    if not (value > 0 and value != float("inf")):
+        raise OptionError(f"bad duration {text!r}: it must be positive and finite")
+    return value * _SECONDS[unit]
+
+
 def _cannot_create_in(folder: Path) -> str | None:
     """None when a file can be created in folder, else why not: a real attempt (os.access misjudges
     root, read-only mounts and special filesystems such as /proc)."""

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from .options import parse_counts, parse_mixes, quiet_llama_logs, store_options, writable_file
+from ..errors import OptionError
+from .options import parse_counts, parse_duration, parse_mixes, quiet_llama_logs, store_options, writable_file
 
 
 def report(res) -> str:
@@ -113,6 +114,13 @@ def report(res) -> str:
     metavar="ITEMS",
     help="Most item evaluations the search may use (a rung that would exceed it is not started).",
 )
+@click.option(
+    "--time-limit",
+    default=None,
+    metavar="DURATION",
+    help="End the search in time (90s, 30m, 1.5h): a rung that would not finish within it at the pace "
+    "so far is not started, and the best of the last rung are judged. The held-out scoring comes after.",
+)
 @click.option("--grid", is_flag=True, help="Score every candidate on every search item (the cost reference).")
 @click.option("--limit", type=click.IntRange(2), default=None, help="Use only the first N items of each task.")
 @click.option(
@@ -145,6 +153,7 @@ def command(
     eta: int,
     finalists: int,
     budget: int | None,
+    time_limit: str | None,
     grid: bool,
     limit: int | None,
     shots: int | None,
@@ -174,6 +183,9 @@ def command(
     for out in (json_out, bake_out):
         if out:
             writable_file(out)
+    seconds = parse_duration(time_limit) if time_limit else None
+    if seconds and grid:
+        raise OptionError("--time-limit applies to successive halving; the full grid (--grid) has one rung")
     path = resolve(model)
     task_list = resolve_tasks(tasks)
     cands = Candidates(starts, sizes, parse_counts(counts), parse_mixes(mixes))
@@ -199,6 +211,7 @@ def command(
             threads=threads,
             progress=bar.update,
             cluster=ClusterConfig(cluster, threads or 1) if cluster else None,
+            time_limit=seconds,
         )
     click.echo(report(res))
     out = Path(json_out) if json_out else Path(db).parent / f"tune-{path.stem}-{'_'.join(res.tasks)}.json"

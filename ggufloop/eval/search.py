@@ -9,9 +9,10 @@ with every scored item cached in SQLite), this module decides what to score and 
    held-out items. Judging the chosen plan on the items it was chosen on would overstate it
    (the winner's curse: the best of 40 noisy scores is biased upwards even when no plan helps).
 2. ``successive_halving``: all candidates on a few search items, the best 1/eta of them on eta
-   times more, and so on, until ``top_k`` are left, the search items run out, or the budget of
-   item evaluations would be exceeded. ``full_grid`` scores every candidate on every search item,
-   for the cost comparison (``grid_evaluations``) and for small grids.
+   times more, and so on, until ``top_k`` are left, the search items run out, the budget of
+   item evaluations would be exceeded, or the caller's ``go_on`` (a time limit) says stop.
+   ``full_grid`` scores every candidate on every search item, for the cost comparison
+   (``grid_evaluations``) and for small grids.
 3. ``verdict``: the baseline and each finalist on the held-out items: the paired difference with
    its bootstrap interval and exact McNemar p-value per (plan, task) and on all tasks pooled,
    Holm-adjusted over all of them, and the winner, which is None when no plan significantly beats
@@ -61,6 +62,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -82,7 +84,11 @@ PrefetchFn = Callable[[list[tuple[Hashable, str, list[str]]]], None]
 the rung will ask ``score`` for, so a caller can score it all at once (in parallel); ``score`` is then
 called as without it."""
 
-StopReason = Literal["narrowed", "exhausted", "budget", "grid"]
+StopReason = Literal["narrowed", "exhausted", "budget", "time", "grid"]
+
+GoOnFn = Callable[["RungPlan", int], bool]
+"""go_on(next rung, item evaluations so far) -> whether to start that rung: asked before every rung
+after the first (``tune --time-limit`` answers from the clock); False ends the search there."""
 
 
 # --- 1. the held-out split ---------------------------------------------------------------------
@@ -252,6 +258,24 @@ def halving_schedule(
     return Schedule(tuple(rungs), reason, used)
 
 
+class TimeLimit:
+    """A ``go_on`` that keeps the search within ``seconds`` of its creation: a rung is started only
+    if, at the pace of the search so far (seconds per item evaluation, items found in the results
+    store included), it would end in time. ``clock`` is for tests."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] | None = None) -> None:
+        if not seconds > 0:
+            raise ValueError(f"a time limit must be positive, not {seconds}")
+        self.seconds = seconds
+        self.clock = clock or time.monotonic
+        self.start = self.clock()
+
+    def __call__(self, rung: RungPlan, done: int) -> bool:
+        elapsed = self.clock() - self.start
+        pace = elapsed / done if done else 0.0
+        return elapsed + pace * rung.evaluations <= self.seconds
+
+
 def grid_evaluations(n_candidates: int, task_sizes: Mapping[str, int]) -> int:
     """Item evaluations of ``full_grid``: every candidate and the baseline on every search item."""
     return (n_candidates + 1) * sum(task_sizes.values())
@@ -362,6 +386,8 @@ def _run(
     schedule: Schedule,
     baseline: Hashable,
     prefetch: PrefetchFn | None = None,
+    go_on: GoOnFn | None = None,
+    top_k: int = 1,
 ) -> SearchResult:
     cands = list(candidates)
     if len(set(cands)) != len(cands):
@@ -375,7 +401,13 @@ def _run(
     key: dict[Hashable, Fraction] = {}
     rungs: list[Rung] = []
     alive = cands
+    stop_reason = schedule.stop_reason
     for plan in schedule.rungs:
+        if rungs and go_on is not None and not go_on(plan, ledger.evaluations):
+            last = rungs.pop()
+            rungs.append(Rung(last.index, last.items, last.candidates, last.candidates[:top_k], last.evaluations))
+            stop_reason = "time"
+            break
         before = ledger.evaluations
         items = {t: list(orders[t][: plan.items[t]]) for t in orders}
         if prefetch:
@@ -406,7 +438,7 @@ def _run(
             Rung(plan.index, dict(plan.items), tuple(ranked), tuple(ranked[: plan.keep]), ledger.evaluations - before)
         )
         alive = ranked[: plan.keep]
-    assert ledger.evaluations == schedule.evaluations, (ledger.evaluations, schedule.evaluations)
+    assert stop_reason == "time" or ledger.evaluations == schedule.evaluations
     ranking = tuple(sorted(cands, key=lambda c: (-reached[c], -key[c], position[c])))
     return SearchResult(
         method,
@@ -414,9 +446,9 @@ def _run(
         tuple(rungs),
         {c: tuple(s) for c, s in scores.items()},
         ranking,
-        ranking[: schedule.rungs[-1].keep],
+        ranking[: len(rungs[-1].kept)],
         ledger.evaluations,
-        schedule.stop_reason,
+        stop_reason,
     )
 
 
@@ -427,6 +459,7 @@ def successive_halving(
     config: HalvingConfig = HalvingConfig(),
     baseline: Hashable = BASELINE,
     prefetch: PrefetchFn | None = None,
+    go_on: GoOnFn | None = None,
 ) -> SearchResult:
     """Narrow candidates down to ``config.top_k`` finalists by successive halving on the search items.
 
@@ -435,12 +468,14 @@ def successive_halving(
     scores are reused; ``score`` is called once per (key, task, rung) with only the new items and
     is never asked for the same (key, task, item) twice. Candidates are ranked by their paired
     accuracy difference against the baseline on the rung's items, macro-averaged over tasks;
-    ties go to the candidate given first. The plan of the run is ``halving_schedule``.
+    ties go to the candidate given first. The plan of the run is ``halving_schedule``, unless
+    ``go_on`` declines a rung: the search then ends with the best ``top_k`` of the last rung it ran
+    (stop reason "time"), as when the budget ends it.
     """
     orders = {t: _order(t, ids, config.seed) for t, ids in search_items.items()}
     cands = list(candidates)
     schedule = halving_schedule(len(cands), {t: len(o) for t, o in orders.items()}, config)
-    return _run("successive_halving", cands, orders, score, schedule, baseline, prefetch)
+    return _run("successive_halving", cands, orders, score, schedule, baseline, prefetch, go_on, config.top_k)
 
 
 def full_grid(

@@ -73,6 +73,7 @@ class TuneResult:
     grid_evaluations: int
     verdict: search.Verdict
     heldout_acc: dict[str, dict[str, float]]  # plan ("none" too) -> task -> accuracy on held-out items
+    time_limit: float | None = None  # seconds the search was allowed, if limited
 
     def to_json(self) -> dict:
         """Everything a reader needs to check the run: the split, every candidate's search scores,
@@ -110,6 +111,7 @@ class TuneResult:
                 "eta": self.halving.eta,
                 "top_k": self.halving.top_k,
                 "budget": self.halving.budget,
+                "time_limit_s": self.time_limit,
                 "seed": self.halving.seed,
                 "stop_reason": self.result.stop_reason,
                 "evaluations": self.result.evaluations,
@@ -208,14 +210,18 @@ def tune(
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
     cluster: ClusterConfig | None = None,
+    time_limit: float | None = None,
 ) -> TuneResult:
     """Search setup's candidates on the search items, then judge the finalists on the held-out items.
 
     The settings must be those ``setup`` was prepared with. grid: score every candidate on every
     search item instead of successive halving (the cost reference). progress(n) is called as
     items are scored or found in the store. cluster: score on that Ray cluster, every rung's
-    candidates at once, instead of in this process one candidate after another.
+    candidates at once, instead of in this process one candidate after another. time_limit:
+    seconds from now within which the search must end (``search.TimeLimit``: a rung that would
+    not end in time at the pace so far is not started); the held-out scoring comes after it.
     """
+    go_on = search.TimeLimit(time_limit) if time_limit else None
     store = Store(db) if db else Store()
     store.check_writable()
     sha = store.model_sha(model)
@@ -237,7 +243,7 @@ def tune(
         if grid:
             result = search.full_grid(setup.plans, search_items, score, top_k=halving.top_k, prefetch=batch)
         else:
-            result = search.successive_halving(setup.plans, search_items, score, halving, prefetch=batch)
+            result = search.successive_halving(setup.plans, search_items, score, halving, prefetch=batch, go_on=go_on)
         held = search.heldout_ids(setup.splits)
         finalists = (search.BASELINE, *result.finalists)
         if batch:
@@ -261,4 +267,5 @@ def tune(
         setup.grid_evaluations,
         judged,
         heldout_acc,
+        time_limit,
     )
