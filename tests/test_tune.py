@@ -141,6 +141,21 @@ def test_tune_end_to_end_and_resume_after_kill(tiny_models, tmp_path):
     assert "stopped: time" in limited.stdout
 
 
+def test_tune_says_when_the_budget_cuts_the_search_short(tiny_models, tmp_path):
+    """12 candidates (3 blocks x 2 counts x 2 mixes) and the baseline on 4 items of each of 2 tasks at
+    rung 0: 13 x 8 = 104 evaluations; a budget of 110 pays for that rung only (the next needs 10
+    more), and tune says so before it starts."""
+    args = tune_args(tiny_models["llama"][2], tmp_path / "b.sqlite", tmp_path / "b.json")
+    args[args.index("--limit") + 1] = "16"
+    proc = subprocess.run([*args, "--budget", "110"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "note: the budget pays for 1 rung(s): the finalists are chosen among 12 plans on 4 search items" in proc.stderr
+    )
+    res = json.loads((tmp_path / "b.json").read_text())["search"]
+    assert res["stop_reason"] == "budget" and len(res["rungs"]) == 1 and res["evaluations"] == 104
+
+
 def test_tune_refuses_bad_settings_with_one_line(tiny_models, tmp_path):
     model = str(tiny_models["llama"][2])
     for extra, message in [

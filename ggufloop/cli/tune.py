@@ -197,6 +197,14 @@ def command(
         f"(the full grid: {setup.grid_evaluations}), {setup.evaluations} in all",
         err=True,
     )
+    if setup.schedule and setup.schedule.stop_reason == "budget":
+        last = setup.schedule.rungs[-1]
+        low, high = min(last.items.values()), max(last.items.values())
+        click.echo(
+            f"note: the budget pays for {len(setup.schedule.rungs)} rung(s): the finalists are chosen among "
+            f"{last.candidates} plans on {low if low == high else f'{low}-{high}'} search items per task",
+            err=True,
+        )
     with click.progressbar(length=setup.evaluations, label="tune", file=sys.stderr, show_eta=True) as bar:
         res = tune(
             path,

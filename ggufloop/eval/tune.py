@@ -157,6 +157,7 @@ class Setup:
     search_evaluations: int
     grid_evaluations: int
     evaluations: int  # in all: the search, then the baseline and the finalists on the held-out items
+    schedule: search.Schedule | None = None  # successive halving's rungs (None for the grid)
 
 
 def prepare(
@@ -182,6 +183,7 @@ def prepare(
                 raise TaskError(f"{t}: {len(ids[t])} items are too few to split into search and held-out parts")
         sizes = {t: len(sp.search) for t, sp in splits.items()}
         grid_n = search.grid_evaluations(len(plans), sizes)
+        schedule = None
         if grid:
             n, finalists = grid_n, min(halving.top_k, len(plans))
         else:
@@ -193,7 +195,7 @@ def prepare(
         t: FewshotPool(f"split:{split.seed}:{split.search_fraction:g}", sp.fewshot_pool) for t, sp in splits.items()
     }
     total = n + (1 + finalists) * sum(len(sp.heldout) for sp in splits.values())
-    return Setup(plans, splits, pools, n, grid_n, total)
+    return Setup(plans, splits, pools, n, grid_n, total, schedule)
 
 
 def tune(
