@@ -77,6 +77,7 @@ heldout() {  # per model, the plan tune selects among naive and uniform blocks, 
             --finalists 2 -t $T --db "$DB" \
             --json $OUT/heldout/tune-$model.json > $OUT/heldout/tune-$model.txt
         sync_rows
+        "${PYTHON:-.venv/bin/python}" $OUT/heldout.py $OUT/heldout/tune-*.json > $OUT/heldout/table.md
     done
 }
 
