@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def rows(run: dict) -> list[str]:
-    s, v = run["search"], run["verdict"]
+    v = run["verdict"]
     model = Path(run["model"]).stem
     out = []
     for c in v["comparisons"]:
