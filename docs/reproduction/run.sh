@@ -5,8 +5,11 @@
 # docs/reproduction/data/rows.csv.gz: this script imports them first, so nothing is scored twice,
 # and exports them again after every step, so a killed run loses at most the step in flight.
 #
-#   bash docs/reproduction/run.sh            # everything, in order of priority
-#   bash docs/reproduction/run.sh cost       # one part: cost | families | heatmap | heldout
+#   bash docs/reproduction/run.sh            # everything that resumes: heldout, heatmap, families
+#   bash docs/reproduction/run.sh cost       # one part: heldout | heatmap | families | cost
+#
+# cost is a timing run from empty databases (about 45 min): it starts over every time, so it runs
+# only when named.
 #
 # Threads: GGUFLOOP_THREADS (default 2). Caps on items and shots, and why, are in docs/reproduction.md.
 set -euo pipefail
@@ -82,7 +85,7 @@ heldout() {  # per model, the plan tune selects among naive and uniform blocks, 
 }
 
 sync_rows
-for part in ${@:-cost families heatmap heldout}; do
+for part in ${@:-heldout heatmap families}; do
     "$part"
 done
 sync_rows
