@@ -124,9 +124,9 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600}
 def parse_duration(text: str) -> float:
     """``90s``, ``30m``, ``1.5h`` (a bare number is seconds) -> seconds."""
     t = text.strip().lower()
-    unit = t[-1:] if t[-1:] in _SECONDS else "s"
+    unit, number = (t[-1], t[:-1]) if t[-1:] in _SECONDS else ("s", t)
     try:
-        value = float(t[:-1] if t[-1:] in _SECONDS else t)
+        value = float(number)
     except ValueError:
         raise OptionError(
             f"bad duration {text!r}: expected a number with s, m or h, such as 90s, 30m or 1.5h"

@@ -64,7 +64,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Literal
 
@@ -404,8 +404,7 @@ def _run(
     stop_reason = schedule.stop_reason
     for plan in schedule.rungs:
         if rungs and go_on is not None and not go_on(plan, ledger.evaluations):
-            last = rungs.pop()
-            rungs.append(Rung(last.index, last.items, last.candidates, last.candidates[:top_k], last.evaluations))
+            rungs[-1] = replace(rungs[-1], kept=rungs[-1].candidates[:top_k])
             stop_reason = "time"
             break
         before = ledger.evaluations
