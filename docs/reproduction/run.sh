@@ -55,7 +55,7 @@ families() {  # every way of looping, each tuned on the same candidates; judged 
 heatmap() {  # the paper's heat map: WinoGrande, K = 3, naive and uniform, the same blocks and items
     # one start at a time, both mixes, so that a stopped run leaves complete pairs to compare
     local model sizes starts s mix
-    for spec in "gemma3-270m 2:5 0:17" "smollm2-135m-instruct 2:6 4:24"; do
+    for spec in "gemma3-270m 2:5 0:17" "smollm2-135m-instruct 2:5 4:24"; do
         read -r model sizes starts <<< "$spec"
         for s in $(seq ${starts%:*} $(( ${starts#*:} - 1 ))); do
             for mix in none uniform; do
@@ -68,6 +68,7 @@ heatmap() {  # the paper's heat map: WinoGrande, K = 3, naive and uniform, the s
             "$G" sweep $model --task winogrande --count 3 --mix $mix --sizes $sizes --starts $starts --shots 0 \
                 --limit 500 -t $T --db "$DB" -o $OUT
         done
+        "${PYTHON:-.venv/bin/python}" $OUT/heatmap.py $model --db "$DB" --sizes $sizes --starts $starts -o $OUT/heatmap
     done
 }
 
