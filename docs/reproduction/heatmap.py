@@ -143,7 +143,9 @@ def main() -> None:
             columns[mix].append(v)
     store.close()
     if missing and not args.partial:
-        sys.exit(f"error: {len(missing)} blocks are not fully scored yet (first {missing[0]}); --partial writes the rest")
+        sys.exit(
+            f"error: {len(missing)} blocks are not fully scored yet (first {missing[0]}); --partial draws the rest"
+        )
     if not blocks:
         sys.exit("error: no block is fully scored for both mixes yet")
     correct = {"unlooped": base, **{mix: np.stack(v, axis=1) for mix, v in columns.items()}}
@@ -153,10 +155,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"heatmap-{path.stem}"
     scope = f"{len(blocks)} blocks" + (f" (partial: {len(missing)} not scored yet)" if missing else "")
-    title = (
-        f"{path.stem}, {args.task} ({len(ids)} items, 0-shot), K={args.count}, {scope}; "
-        f"unlooped {base.mean():.3f}"
-    )
+    title = f"{path.stem}, {args.task} ({len(ids)} items, 0-shot), K={args.count}, {scope}; unlooped {base.mean():.3f}"
     figure(panels, n_layer, title, out / f"{stem}.png")
     lines = [
         f"# Heat map: {path.stem}, naive and uniform looping against the unlooped model\n",
@@ -164,7 +163,8 @@ def main() -> None:
         f"{args.starts} (slice windows): {scope}. Unlooped accuracy {base.mean():.4f}. Per block: paired accuracy "
         "difference, exact McNemar p, Holm-adjusted over the blocks of each comparison. Mean over blocks: 95 % "
         "interval from resampling items (each item's mean correctness over the blocks).\n",
-        "| comparison | blocks | mean difference [95% CI] | below | above | below, Holm p < 0.05 | above, Holm p < 0.05 |",
+        "| comparison | blocks | mean difference [95% CI] | below | above | below, Holm p < 0.05 "
+        "| above, Holm p < 0.05 |",
         "|---|---|---|---|---|---|---|",
     ]
     for p in panels:
