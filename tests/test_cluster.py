@@ -69,9 +69,14 @@ def test_sweep_on_the_cluster_equals_the_local_run_and_never_scores_twice(cluste
     assert len(expected) == 5 * 20 and rows(tmp_path / "ray.sqlite") == expected
     csv = next((tmp_path / "local").glob("*.csv"))
     assert (tmp_path / "ray" / csv.name).read_text() == csv.read_text()
-    # a second driver finds everything in the store
+    # a second driver finds everything in the store: it redraws the map without starting the cluster
     err = finish(sweep(model, tmp_path / "ray.sqlite", tmp_path / "ray", "--cluster", cluster.address))
-    assert "cluster: 0 items scored in 0 units" in err and rows(tmp_path / "ray.sqlite") == expected
+    assert "cluster:" not in err and rows(tmp_path / "ray.sqlite") == expected
+    # one plan's rows lost: only they are scored again
+    with sqlite3.connect(tmp_path / "ray.sqlite") as con:
+        con.execute("DELETE FROM results WHERE plan = '1:3x2'")
+    err = finish(sweep(model, tmp_path / "ray.sqlite", tmp_path / "ray", "--cluster", cluster.address))
+    assert "cluster: 20 items scored in" in err and rows(tmp_path / "ray.sqlite") == expected
 
 
 def test_a_worker_killed_mid_run_loses_only_its_unit(cluster, tiny_models, tmp_path):

@@ -205,30 +205,28 @@ def test_killed_run_resumes(tiny_models, tmp_path):
 
 
 @pytest.mark.data
-def test_sweep_writes_heatmap_and_csv(tiny_models, tmp_path):
-    res = CliRunner().invoke(
-        main,
-        [
-            "sweep",
-            str(tiny_models["gemma3"][2]),
-            "--task",
-            "piqa",
-            "--count",
-            "2",
-            "--starts",
-            "1:3",
-            "--sizes",
-            "1:3",
-            "--limit",
-            "6",
-            "--jobs",
-            "2",
-            "--db",
-            str(tmp_path / "s.sqlite"),
-            "-o",
-            str(tmp_path),
-        ],
-    )
+def test_sweep_writes_heatmap_and_csv(tiny_models, tmp_path, monkeypatch):
+    args = [
+        "sweep",
+        str(tiny_models["gemma3"][2]),
+        "--task",
+        "piqa",
+        "--count",
+        "2",
+        "--starts",
+        "1:3",
+        "--sizes",
+        "1:3",
+        "--limit",
+        "6",
+        "--jobs",
+        "2",
+        "--db",
+        str(tmp_path / "s.sqlite"),
+        "-o",
+        str(tmp_path),
+    ]
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(next(tmp_path.glob("sweep-*.csv")))))
     assert {(r["start"], r["end"]) for r in rows} == {("1", "2"), ("1", "3"), ("2", "3"), ("2", "4")}
@@ -237,3 +235,13 @@ def test_sweep_writes_heatmap_and_csv(tiny_models, tmp_path):
     one = evaluate(tiny_models["gemma3"][2], resolve_tasks("piqa"), "1:3x2", limit=6, db=tmp_path / "s.sqlite")
     cell = next(r for r in rows if (r["start"], r["end"]) == ("1", "3"))
     assert float(cell["acc"]) == pytest.approx(one[0]["plan"]["acc"], abs=1e-4)
+    # run again: everything is scored, so the map is redrawn from the database without starting a worker
+    before = next(tmp_path.glob("sweep-*.csv")).read_text()
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a finished sweep started a worker")
+
+    monkeypatch.setattr("ggufloop.cli.sweep.subprocess.Popen", no_worker)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert next(tmp_path.glob("sweep-*.csv")).read_text() == before

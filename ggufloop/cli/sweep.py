@@ -80,14 +80,17 @@ def command(
     store = Store(db)
     store.check_writable()
     sha = store.model_sha(path)
-    units = [Unit(sha, task, shots_used, the_task.prompt_key(), p) for p in plans]
-    if cluster:
-        _on_cluster(ClusterConfig(cluster, threads or 1), path, store, sha, plans, task, shots, limit, len(items))
-    else:
-        spec = {"model": str(path), "task": task, "shots": shots, "limit": limit, "db": db}
-        _with_workers(spec, store, units, plans, threads, jobs, len(items))
-
     ids = [it.id for it in items]
+    # only what is not scored yet goes to workers: a finished sweep redraws its map without loading the model
+    units = [Unit(sha, task, shots_used, the_task.prompt_key(), p) for p in plans]
+    units = [u for u in units if not set(ids) <= store.done(u)]
+    todo = [u.plan for u in units]
+    if todo and cluster:
+        _on_cluster(ClusterConfig(cluster, threads or 1), path, store, sha, todo, task, shots, limit, len(items))
+    elif todo:
+        spec = {"model": str(path), "task": task, "shots": shots, "limit": limit, "db": db}
+        _with_workers(spec, store, units, todo, threads, jobs, len(items))
+
     grid = cells(store, sha, task, shots_used, the_task.prompt_key(), block_plans, ids)
     store.close()
     base = grid[0].base_acc
