@@ -81,9 +81,9 @@ def command(
     store.check_writable()
     sha = store.model_sha(path)
     ids = [it.id for it in items]
+    prompt = the_task.prompt_key()
     # only what is not scored yet goes to workers: a finished sweep redraws its map without loading the model
-    units = [Unit(sha, task, shots_used, the_task.prompt_key(), p) for p in plans]
-    units = [u for u in units if not set(ids) <= store.done(u)]
+    units = [u for u in (Unit(sha, task, shots_used, prompt, p) for p in plans) if not set(ids) <= store.done(u)]
     todo = [u.plan for u in units]
     if todo and cluster:
         _on_cluster(ClusterConfig(cluster, threads or 1), path, store, sha, todo, task, shots, limit, len(items))
@@ -91,7 +91,7 @@ def command(
         spec = {"model": str(path), "task": task, "shots": shots, "limit": limit, "db": db}
         _with_workers(spec, store, units, todo, threads, jobs, len(items))
 
-    grid = cells(store, sha, task, shots_used, the_task.prompt_key(), block_plans, ids)
+    grid = cells(store, sha, task, shots_used, prompt, block_plans, ids)
     store.close()
     base = grid[0].base_acc
     stem = f"sweep-{path.stem}-{task}-x{count}-{mixed}".replace(":", "_")
