@@ -3,10 +3,12 @@ candidates on the same search items, from the two runs of ``run.sh cost``.
 
     .venv/bin/python docs/reproduction/cost.py --db results/study.sqlite > docs/reproduction/cost/summary.md
 
-Reads docs/reproduction/cost/tune-{halving,grid}.json (the runs) and time-{halving,grid}.txt (GNU
-time's report of each, from a database of its own). Says whether halving chose the grid's best
-candidate, and if not, how its choice compares with it: paired on the search items (where the grid
-chose) and on the held-out items (where neither chose).
+Reads the runs' tune-{halving,grid}.json from --runs (default docs/reproduction/cost, the timed runs;
+``run.sh choice`` writes the same searches with the exact scorer to cost/choice) and the times from
+docs/reproduction/cost/time-{halving,grid}.txt (GNU time's report of each timed run, from a database
+of its own). The item evaluations of a search do not depend on which rows a database already holds.
+Says whether halving chose the grid's best candidate, and if not, how its choice compares with it:
+paired on the search items (where the grid chose) and on the held-out items (where neither chose).
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", required=True)
     parser.add_argument("--scorer", default=PROMPT_VERSION, help="scorer version of the rows (v1: before 2026-11-29)")
+    parser.add_argument("--runs", type=Path, default=HERE, help="folder of tune-{halving,grid}.json")
     args = parser.parse_args()
-    halving = json.loads((HERE / "tune-halving.json").read_text())
-    grid = json.loads((HERE / "tune-grid.json").read_text())
+    halving = json.loads((args.runs / "tune-halving.json").read_text())
+    grid = json.loads((args.runs / "tune-grid.json").read_text())
     task = halving["tasks"][0]
     store = Store(args.db)
     sha = store.model_sha(resolve(Path(halving["model"]).stem))

@@ -5,8 +5,8 @@
 # docs/reproduction/data/rows.csv.gz: this script imports them first, so nothing is scored twice,
 # and exports them again after every step, so a killed run loses at most the step in flight.
 #
-#   bash docs/reproduction/run.sh            # everything that resumes: heldout, heatmap, families
-#   bash docs/reproduction/run.sh cost       # one part: heldout | heatmap | families | cost
+#   bash docs/reproduction/run.sh            # everything that resumes: heldout, heatmap, families, choice
+#   bash docs/reproduction/run.sh cost       # one part: heldout | heatmap | families | choice | cost
 #
 # cost is a timing run from empty databases (about 45 min): it starts over every time, so it runs
 # only when named.
@@ -26,19 +26,33 @@ sync_rows() {  # import what git has, export what the database has
     "$G" report --db "$DB" --export "$ROWS" >/dev/null
 }
 
+# cost's 40 candidates: SmolLM2-135M, WinoGrande 0-shot, blocks starting at 8..17 of 2 or 3 layers, K = 3, naive and uniform
+COST="smollm2-135m-instruct --tasks winogrande --shots 0 --starts 8:18 --sizes 2:4 --counts 3 --mixes none,uniform -t $T"
+
 cost() {  # tune against the full grid of the same 40 candidates on the same search items, each timed from scratch
-    local common="smollm2-135m-instruct --tasks winogrande --shots 0 --starts 8:18 --sizes 2:4 --counts 3 --mixes none,uniform -t $T"
     local method flag fresh
     for method in halving grid; do
         flag=""; [ $method = grid ] && flag=--grid
         fresh=results/cost-$method.sqlite  # a database of its own, so that nothing is reused and the clock is fair
         rm -f $fresh $fresh-wal $fresh-shm
-        /usr/bin/time -v -o $OUT/cost/time-$method.txt "$G" tune $common $flag --db $fresh \
+        /usr/bin/time -v -o $OUT/cost/time-$method.txt "$G" tune $COST $flag --db $fresh \
             --json $OUT/cost/tune-$method.json > $OUT/cost/tune-$method.txt
         "$G" report --db $fresh --export results/cost-$method.csv.gz >/dev/null
         "$G" report --db "$DB" --import results/cost-$method.csv.gz >/dev/null
         sync_rows
     done
+}
+
+choice() {  # which plan each of cost's two searches picks, with the exact scorer, on the study's shared rows
+    # (the scores depend on the item alone, so the choices are those of fresh runs; cost's own runs give the times)
+    local method flag
+    mkdir -p $OUT/cost/choice
+    for method in halving grid; do
+        flag=""; [ $method = grid ] && flag=--grid
+        "$G" tune $COST $flag --db "$DB" --json $OUT/cost/choice/tune-$method.json > $OUT/cost/choice/tune-$method.txt
+        sync_rows
+    done
+    "${PYTHON:-.venv/bin/python}" $OUT/cost.py --db "$DB" --runs $OUT/cost/choice > $OUT/cost/choice/summary.md
 }
 
 families() {  # every way of looping, each tuned on the same candidates; judged against uniform on held-out items
@@ -86,7 +100,7 @@ heldout() {  # per model, the plan tune selects among naive and uniform blocks, 
 }
 
 sync_rows
-for part in ${@:-heldout heatmap families}; do
+for part in ${@:-heldout heatmap families choice}; do
     "$part"
 done
 sync_rows

@@ -89,7 +89,7 @@ def command(
         _on_cluster(ClusterConfig(cluster, threads or 1), path, store, sha, todo, task, shots, limit, len(items))
     elif todo:
         spec = {"model": str(path), "task": task, "shots": shots, "limit": limit, "db": db}
-        _with_workers(spec, store, units, todo, threads, jobs, len(items))
+        _with_workers(spec, store, units, todo, threads, jobs, set(ids))
 
     grid = cells(store, sha, task, shots_used, prompt, block_plans, ids)
     store.close()
@@ -161,24 +161,27 @@ def _on_cluster(
 
 
 def _with_workers(
-    spec: dict, store: Store, units: list[Unit], plans: list[str], threads: int | None, jobs: int, n_items: int
+    spec: dict, store: Store, units: list[Unit], plans: list[str], threads: int | None, jobs: int, ids: set[str]
 ) -> None:
-    """Every unit in --jobs local worker processes (spec: what they share), which write to the store themselves."""
+    """Every unit in --jobs local worker processes (spec: what they share), which write to the store themselves.
+
+    Progress counts only this sweep's items (ids): rows that other runs scored beyond --limit are not progress.
+    """
     per_job = max(1, (threads or os.cpu_count() or 1) // jobs)
     specs = [{**spec, "plans": plans[j::jobs], "threads": per_job, "parent": os.getpid()} for j in range(jobs)]
     workers = [subprocess.Popen([sys.executable, "-m", "ggufloop.eval.sweep", json.dumps(spec)]) for spec in specs]
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers are stopped below
     try:
         with click.progressbar(
-            length=len(plans) * n_items,
-            label=f"{len(plans)} plans x {n_items} items",
+            length=len(plans) * len(ids),
+            label=f"{len(plans)} plans x {len(ids)} items",
             file=sys.stderr,
             show_eta=True,
         ) as bar:
             last = 0
             while True:
                 running = any(w.poll() is None for w in workers)
-                now = sum(len(store.done(u)) for u in units)
+                now = sum(len(store.done(u) & ids) for u in units)
                 bar.update(now - last)
                 last = now
                 if not running:
