@@ -26,8 +26,9 @@ sync_rows() {  # import what git has, export what the database has
     "$G" report --db "$DB" --export "$ROWS" >/dev/null
 }
 
-# cost's 40 candidates: SmolLM2-135M, WinoGrande 0-shot, blocks starting at 8..17 of 2 or 3 layers, K = 3, naive and uniform
-COST="smollm2-135m-instruct --tasks winogrande --shots 0 --starts 8:18 --sizes 2:4 --counts 3 --mixes none,uniform -t $T"
+# the blocks of cost, choice and families: SmolLM2-135M, WinoGrande 0-shot, starting at 8..17, 2 or 3 layers, K = 3
+BLOCKS="smollm2-135m-instruct --tasks winogrande --shots 0 --starts 8:18 --sizes 2:4 --counts 3 -t $T"
+COST="$BLOCKS --mixes none,uniform"  # cost's 40 candidates: those blocks, naive and uniform
 
 cost() {  # tune against the full grid of the same 40 candidates on the same search items, each timed from scratch
     local method flag fresh
@@ -56,11 +57,10 @@ choice() {  # which plan each of cost's two searches picks, with the exact score
 }
 
 families() {  # every way of looping, each tuned on the same candidates; judged against uniform on held-out items
-    local common="smollm2-135m-instruct --tasks winogrande --shots 0 --starts 8:18 --sizes 2:4 --counts 3 -t $T --db $DB"
     local mix
     mkdir -p $OUT/families
     for mix in ${FAMILIES:-none uniform ema autoalign euler anchored inputanchor}; do
-        "$G" tune $common --mixes $mix --json $OUT/families/tune-$mix.json > $OUT/families/tune-$mix.txt
+        "$G" tune $BLOCKS --db "$DB" --mixes $mix --json $OUT/families/tune-$mix.json > $OUT/families/tune-$mix.txt
         sync_rows
     done
     "${PYTHON:-.venv/bin/python}" $OUT/families.py --db "$DB" $OUT/families/tune-*.json > $OUT/families/compare.md

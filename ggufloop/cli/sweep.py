@@ -81,15 +81,16 @@ def command(
     store.check_writable()
     sha = store.model_sha(path)
     ids = [it.id for it in items]
+    wanted = set(ids)
     prompt = the_task.prompt_key()
     # only what is not scored yet goes to workers: a finished sweep redraws its map without loading the model
-    units = [u for u in (Unit(sha, task, shots_used, prompt, p) for p in plans) if not set(ids) <= store.done(u)]
-    todo = [u.plan for u in units]
-    if todo and cluster:
+    units = [u for u in (Unit(sha, task, shots_used, prompt, p) for p in plans) if not wanted <= store.done(u)]
+    if units and cluster:
+        todo = [u.plan for u in units]
         _on_cluster(ClusterConfig(cluster, threads or 1), path, store, sha, todo, task, shots, limit, len(items))
-    elif todo:
+    elif units:
         spec = {"model": str(path), "task": task, "shots": shots, "limit": limit, "db": db}
-        _with_workers(spec, store, units, todo, threads, jobs, set(ids))
+        _with_workers(spec, store, units, threads, jobs, wanted)
 
     grid = cells(store, sha, task, shots_used, prompt, block_plans, ids)
     store.close()
@@ -160,13 +161,12 @@ def _on_cluster(
     click.echo(executor.summary(), err=True)
 
 
-def _with_workers(
-    spec: dict, store: Store, units: list[Unit], plans: list[str], threads: int | None, jobs: int, ids: set[str]
-) -> None:
+def _with_workers(spec: dict, store: Store, units: list[Unit], threads: int | None, jobs: int, ids: set[str]) -> None:
     """Every unit in --jobs local worker processes (spec: what they share), which write to the store themselves.
 
     Progress counts only this sweep's items (ids): rows that other runs scored beyond --limit are not progress.
     """
+    plans = [u.plan for u in units]
     per_job = max(1, (threads or os.cpu_count() or 1) // jobs)
     specs = [{**spec, "plans": plans[j::jobs], "threads": per_job, "parent": os.getpid()} for j in range(jobs)]
     workers = [subprocess.Popen([sys.executable, "-m", "ggufloop.eval.sweep", json.dumps(spec)]) for spec in specs]
