@@ -12,6 +12,7 @@ there (with the right checksum) is never fetched again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import stores
-from .errors import ModelFetchError
+from .errors import ModelFetchError, ModelFileError
 
 MODELS_DIR = Path(os.environ.get("GGUFLOOP_MODELS", Path(__file__).resolve().parent.parent / "models"))
 
@@ -146,6 +147,21 @@ def resolve(model: str | os.PathLike | None) -> Path:
     text = str(model)
     if text in CATALOG:
         return fetch(text)
-    if isinstance(model, str) and stores.is_store_ref(text) and not Path(text).is_file():
+    if isinstance(model, str) and stores.is_store_ref(text) and not _is_file(text):
         return stores.resolve(text)
-    return Path(model)
+    path = Path(model)
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            shown = text if len(text) <= 120 else f"{text[:100]}...({len(text)} characters)"
+            raise ModelFileError(f"no such model file: {shown!r} is longer than the file system allows") from None
+    return path
+
+
+def _is_file(text: str) -> bool:
+    """Whether a file is there; False, not OSError, for a name longer than the file system allows."""
+    try:
+        return Path(text).is_file()
+    except OSError:
+        return False

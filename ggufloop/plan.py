@@ -27,6 +27,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from .errors import PlanError
 
@@ -170,58 +171,163 @@ class Mix:
         return self.name
 
 
+MAX_TABLE_BYTES = 8 * 2**20  # a weight table's JSON, inline or in a file: K = 512 in shortest form is ~3 MB
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """text as a message names it: cut short, with its length, when it is long."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def read_table(source: str) -> Table:
-    """A weight table from a .json or .npy file, or inline JSON (text starting with '[')."""
-    import json
-    from pathlib import Path
+    """A weight table from a .json or .npy file, or inline JSON (text starting with '[').
 
-    if source.startswith("["):
-        try:
-            return _as_table(json.loads(source), "the inline table")
-        except json.JSONDecodeError as err:
-            raise PlanError(f"the inline weight table is not valid JSON: {err.msg} at character {err.pos}") from None
-    path = Path(source)
-    if not path.is_file():
-        raise PlanError(f"weight table {source} not found (weights:FILE takes a .json or .npy file)")
-    if path.suffix.lower() == ".npy":
-        import numpy as np
-
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise PlanError(f"weight table {source} is not a readable .npy array: {err}") from None
-        if data.dtype.kind not in "fiu":
-            raise PlanError(f"weight table {source} holds {data.dtype}, not numbers")
-        return _as_table(data.tolist(), source)
+    Bounded before anything is read: a file must be a regular file, a .npy header must declare
+    [K][K] or [m][K][K] within the plan limits (``table_shape``) before its data is read, and JSON
+    is at most ``MAX_TABLE_BYTES``; what is too large or too deep is a PlanError, never a
+    MemoryError or a RecursionError."""
     try:
-        return _as_table(json.loads(path.read_text()), source)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PlanError(f"weight table {source} is not valid JSON: {err}") from None
+        if source.startswith("["):
+            if len(source) > MAX_TABLE_BYTES:
+                raise PlanError(
+                    f"the inline weight table has {len(source)} characters, more than {MAX_TABLE_BYTES}: "
+                    "give it as a file (weights:FILE)"
+                )
+            return _as_table(_json(source, "the inline weight table"), "the inline table")
+        with _open_regular(source) as f:
+            if source.lower().endswith(".npy"):
+                return _as_table(_read_npy(f, _shown(source)), _shown(source))
+            data = f.read(MAX_TABLE_BYTES + 1)
+            if len(data) > MAX_TABLE_BYTES:
+                raise PlanError(f"weight table {_shown(source)} is larger than {MAX_TABLE_BYTES} bytes")
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise PlanError(f"weight table {_shown(source)} is not valid JSON: {err}") from None
+            return _as_table(_json(text, f"weight table {_shown(source)}"), _shown(source))
+    except MemoryError:
+        raise PlanError(f"weight table {_shown(source)} is too large to read") from None
+
+
+def _json(text: str, what: str) -> object:
+    """text parsed as JSON; PlanError when it is not JSON or is nested too deeply to parse."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PlanError(f"{what} is not valid JSON: {err.msg} at character {err.pos}") from None
+    except RecursionError:
+        raise PlanError(f"{what} is nested too deeply: a weight table is [K][K] or [m][K][K] nested lists") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise PlanError(f"{what} is not a usable table: {err}") from None
+
+
+def _open_regular(source: str) -> BinaryIO:
+    """The file source names, open for reading in binary; PlanError unless it exists and is a regular
+    file (a FIFO is opened without blocking, so that it is refused rather than waited on)."""
+    import os
+    import stat
+
+    try:
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise PlanError(f"weight table {_shown(source)} not found (weights:FILE takes a .json or .npy file)") from None
+    except OSError as err:
+        raise PlanError(f"cannot read weight table {_shown(source)}: {err.strerror or err}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kinds = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+        kind = kinds.get(stat.S_IFMT(mode), "a socket")
+        raise PlanError(f"weight table {_shown(source)} is not a regular file (it is {kind})")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _read_npy(f: BinaryIO, source: str) -> list:
+    """The array of an open .npy file as nested lists; its header is read and its shape checked
+    (``table_shape``) before any data, so a header that declares a huge array costs nothing."""
+    import numpy as np
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy.read_array_header_2_0(f)
+        else:
+            raise PlanError(f"weight table {source} is a .npy file of format {version}, expected (1, 0) or (2, 0)")
+    except (ValueError, OSError) as err:
+        raise PlanError(f"weight table {source} is not a readable .npy array: {err}") from None
+    if dtype.hasobject or dtype.kind not in "fiu":
+        raise PlanError(f"weight table {source} holds {dtype}, not numbers")
+    m, K = table_shape(shape, source)
+    size = m * K * K * dtype.itemsize
+    data = f.read(size)
+    if len(data) < size:
+        raise PlanError(
+            f"weight table {source} is truncated: its header declares shape {tuple(shape)}, "
+            f"{size} bytes of data, and it holds {len(data)}"
+        )
+    array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return array.astype(np.float64).tolist()
+
+
+def table_shape(shape: tuple[int, ...], source: str = "the weight table") -> tuple[int, int]:
+    """(m, K) of a table of this shape, [K][K] (m = 1) or [m][K][K]; PlanError unless it is one and
+    some plan could run it: K <= MAX_LAYERS and m * K <= MAX_LAYERS, since a plan with m block
+    layers and K passes runs at least m * K virtual layers."""
+    dims = tuple(int(n) for n in shape)
+    if len(dims) not in (2, 3) or dims[-1] != dims[-2]:
+        raise PlanError(f"{source}: a weight table is [K][K] or [m][K][K], got shape {dims}")
+    m, K = (1, dims[0]) if len(dims) == 2 else dims[:2]
+    if not (m and K):
+        raise PlanError(f"{source} is empty")
+    if K > MAX_LAYERS or m * K > MAX_LAYERS:
+        raise PlanError(
+            f"{source}: a weight table of {m} x {K} x {K} is too large: a plan that uses it runs at least "
+            f"{m * K} virtual layers, more than llama.cpp's limit of {MAX_LAYERS}"
+        )
+    return m, K
 
 
 def _as_table(data: object, source: str) -> Table:
-    """Nested lists [K][K] or [m][K][K] of numbers as a table [m][K][K], checked for shape."""
-
-    def depth(x: object) -> int:
-        return 1 + depth(x[0]) if isinstance(x, list) and x else (1 if isinstance(x, list) else 0)
-
-    d = depth(data)
+    """Nested lists [K][K] or [m][K][K] of numbers as a table [m][K][K], checked for shape (and its
+    size, ``table_shape``) before any number is converted."""
+    d, x = 0, data
+    while isinstance(x, list) and d < 4:
+        d, x = d + 1, (x[0] if x else None)
     if d == 2:
         data = [data]
     elif d != 3:
-        raise PlanError(f"{source}: a weight table is [K][K] or [m][K][K] nested lists, got {d} levels")
+        levels = "more than 3" if d == 4 else str(d)
+        raise PlanError(f"{source}: a weight table is [K][K] or [m][K][K] nested lists, got {levels} levels")
     assert isinstance(data, list)
+    K = table_shape((len(data), len(data[0]), len(data[0])), source)[1]  # at most MAX_LAYERS layers from here on
+    for j, layer in enumerate(data):
+        if not isinstance(layer, list) or any(not isinstance(r, list) for r in layer[: K + 1]):
+            raise PlanError(f"{source}: every block layer's entry must be a [K][K] list of rows")
+        if len(layer) != K or any(len(row) != K for row in layer):
+            raise PlanError(f"{source}: block layer {j} is not a {K} x {K} table (every layer: K rows of K weights)")
     rows: list = []
     for layer in data:
-        if not isinstance(layer, list) or any(not isinstance(r, list) for r in layer):
-            raise PlanError(f"{source}: every block layer's entry must be a [K][K] list of rows")
         out = []
         for row in layer:
             if any(isinstance(v, bool) or not isinstance(v, int | float) for v in row):
                 raise PlanError(f"{source}: weights must be numbers")
-            out.append(tuple(float(v) for v in row))
+            out.append(tuple(_float(v) for v in row))
         rows.append(tuple(out))
     return check_table(tuple(rows), source)
+
+
+def _float(value: int | float) -> float:
+    """value as a float; an integer beyond float's range is infinite (and refused as not finite)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def check_table(table: Table, source: str = "the weight table") -> Table:
@@ -230,6 +336,7 @@ def check_table(table: Table, source: str = "the weight table") -> Table:
     if not table or not table[0]:
         raise PlanError(f"{source} is empty")
     K = len(table[0])
+    table_shape((len(table), K, K), source)
     for j, layer in enumerate(table):
         if len(layer) != K or any(len(row) != K for row in layer):
             raise PlanError(f"{source}: block layer {j} is not a {K} x {K} table (every layer: K rows of K weights)")
@@ -417,6 +524,20 @@ class LoopPlan:
         depth = self.virtual_depth(n_layer)
         if depth > MAX_LAYERS:
             raise PlanError(f"plan {self} gives {depth} virtual layers, more than llama.cpp's limit of {MAX_LAYERS}")
+
+    def routing_refusal(self, metadata: dict) -> str | None:
+        """Why the model of this GGUF metadata cannot run the plan's MoE routing, or None: routing freeze
+        needs a mixture-of-experts model. The one check of ``LoopedLlama.set_loop`` and ``bake``."""
+        if self.moe != "freeze":
+            return None
+        arch = str(metadata.get("general.architecture", "unknown"))
+        try:
+            n_expert = int(metadata.get(f"{arch}.expert_count", 0))
+        except (TypeError, ValueError):
+            n_expert = 0
+        if n_expert:
+            return None
+        return f"MoE routing freeze needs a mixture-of-experts model; this {arch} model has no experts"
 
     def virtual_depth(self, n_layer: int) -> int:
         """Number of layers the plan runs: L + (K-1)*m for a block plan."""

@@ -24,7 +24,8 @@ Two behaviours of llama.cpp's RPC client shape this module:
   a wrong address, a stopped server or another version is a one-line error before llama.cpp
   touches it. A server lost later cannot be recovered from (the model's weights on it are gone);
   ``install_abort_handler`` turns llama.cpp's abort into one ``error:`` line naming the servers
-  that no longer answer, and exit status 1, instead of SIGABRT and a backtrace.
+  that no longer answer, and exit status 1, instead of SIGABRT and a backtrace; it starts on a
+  line of its own even when a streamed answer was cut mid-line (``streamed``).
 - An rpc-server serves one client connection at a time; a second client waits. The probe's
   timeout says so instead of hanging.
 - It sets no keep-alive or timeout on its sockets, so a server whose machine vanished would be
@@ -81,11 +82,26 @@ class Endpoint:
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
-        host, sep, port = text.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise OptionError(f"bad RPC server {text.strip()!r}: expected HOST:PORT, e.g. 192.168.1.10:{DEFAULT_PORT}")
+        """``host:port``; OptionError (one line) for a URL, an IPv6 literal or a host no resolver takes."""
+        text = text.strip()
+        shown = repr(text) if len(text) <= 80 else f"{text[:80]!r}... ({len(text)} characters)"
+        expected = f"expected HOST:PORT, e.g. 192.168.1.10:{DEFAULT_PORT}"
+        if "://" in text or "/" in text:
+            raise OptionError(f"bad RPC server {shown}: {expected}, not a URL (no scheme, no path)")
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
+            raise OptionError(f"bad RPC server {shown}: {expected}")
         if ":" in host or host.startswith("["):
-            raise OptionError(f"bad RPC server {text.strip()!r}: llama.cpp's RPC client takes no IPv6 literals")
+            raise OptionError(f"bad RPC server {shown}: llama.cpp's RPC client takes no IPv6 literals")
+        try:
+            ascii_host = host.encode("idna")  # what the resolver is given: labels of 1 to 63 characters
+        except UnicodeError:
+            ascii_host = b""
+        if not ascii_host or len(ascii_host) > 253:
+            raise OptionError(
+                f"bad RPC server {shown}: {host[:40]!r}{'...' if len(host) > 40 else ''} is not a host name "
+                "(at most 253 characters, in labels of 1 to 63 between dots)"
+            )
         return cls(host, int(port))
 
 
@@ -189,6 +205,8 @@ def probe(endpoint: Endpoint, timeout: float = PROBE_TIMEOUT_S) -> tuple[int, in
         ) from None
     except OSError as err:
         raise RpcError(f"cannot reach the RPC server {endpoint}: {err.strerror or err}") from None
+    except UnicodeError:  # a host the resolver cannot encode (Endpoint.parse refuses those first)
+        raise RpcError(f"cannot reach the RPC server {endpoint}: its host is not a host name") from None
     if major != PROTOCOL_MAJOR or minor > PROTOCOL_MINOR:
         raise RpcError(
             f"the RPC server {endpoint} speaks protocol {major}.{minor}.{patch}, this backend "
@@ -372,6 +390,16 @@ def loading_with_devices(devices: DeviceList | None) -> Iterator[None]:
 _handler = None
 _servers: list[str] = []
 _stderr_fd: int | None = None
+_stdout_fd: int | None = None
+_mid_line = False  # stdout's last text ended without a newline (a streamed answer)
+
+
+def streamed(text: str) -> None:
+    """Note text just written to stdout, so that a lost server's error line starts on a line of its own
+    rather than glued to a streamed answer. Commands that stream text call it after each piece."""
+    global _mid_line
+    if text:
+        _mid_line = not text.endswith("\n")
 
 
 def install_abort_handler(endpoints: Sequence[Endpoint]) -> None:
@@ -382,7 +410,7 @@ def install_abort_handler(endpoints: Sequence[Endpoint]) -> None:
     answer; any other message is written as ggml would write it, and the abort goes on. The line
     goes to a duplicate of the original stderr, because llama-cpp-python points stderr at
     /dev/null while it loads a model quietly."""
-    global _handler, _stderr_fd
+    global _handler, _stderr_fd, _stdout_fd
     _servers.extend(str(e) for e in endpoints if str(e) not in _servers)
     if _handler is not None:
         return
@@ -390,6 +418,8 @@ def install_abort_handler(endpoints: Sequence[Endpoint]) -> None:
     if lib.ggml_set_abort_callback is None:
         return
     _stderr_fd = os.dup(sys.stderr.fileno())
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # stdout may be closed or not a file
+        _stdout_fd = os.dup(sys.stdout.fileno())
 
     @lib.ggml_abort_callback_t
     def handler(message: bytes | None) -> None:
@@ -399,6 +429,11 @@ def install_abort_handler(endpoints: Sequence[Endpoint]) -> None:
             return
         reason = text.split(": ", 1)[-1].strip()
         lost = [s for s in _servers if not _answers(s)]
+        if _mid_line and _stdout_fd is not None:  # end the streamed text's line: the error gets a line of its own
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+            with contextlib.suppress(OSError):
+                os.write(_stdout_fd, b"\n")
         who = ", ".join(lost) if lost else "one of " + ", ".join(_servers)
         os.write(
             _stderr_fd,

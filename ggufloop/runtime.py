@@ -163,10 +163,8 @@ class LoopedLlama(llama_cpp.Llama):
                 f"architecture '{arch}' does not support layer schedules "
                 f"(supported: {', '.join(_lib.supported_archs())})"
             )
-        if plan.moe == "freeze" and not _n_expert(self.metadata):
-            raise _lib.BackendError(
-                f"MoE routing freeze needs a mixture-of-experts model; this {arch} model has no experts"
-            )
+        if why := plan.routing_refusal(self.metadata):
+            raise _lib.BackendError(why)
         # the backend changes a schedule only while no context exists: free the native context, keep its wrapper
         llama_cpp.llama_free(self._ctx.ctx)
         self._ctx.ctx = None
@@ -385,6 +383,10 @@ class SideContext:
         """Share src's KV cache with sequence dst (llama.cpp's sequence copy; no recomputation)."""
         llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
 
+    def remove_sequence(self, seq: int) -> None:
+        """Forget one sequence's KV cache: its cells are freed unless another sequence shares them."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
     def decode(self, entries: Sequence[Entry], generated: bool = False) -> list[int]:
         """Decode one batch of (token, position, sequence, wants logits) entries; returns, per entry
         that wanted logits, its row index for ``logits``. ``generated``: the batch is of generated
@@ -520,15 +522,6 @@ def _backend_decode(ctx: Any) -> str:
 
 def _backend_moe(ctx: Any) -> str:
     return _lib.llama_get_loop_moe(ctx).decode() if _lib.llama_get_loop_moe is not None else "free"
-
-
-def _n_expert(metadata: dict) -> int:
-    """The number of experts the GGUF metadata declares (0: a dense model)."""
-    arch = metadata.get("general.architecture", "")
-    try:
-        return int(metadata.get(f"{arch}.expert_count", 0))
-    except (TypeError, ValueError):
-        return 0
 
 
 def _ranges(schedule: list[int]) -> tuple[tuple[int, int], ...]:

@@ -147,15 +147,34 @@ def metrics(states: np.ndarray, logits: np.ndarray, schedule: list[int], head: H
 # -- traces of several mixes on one model load ---------------------------------------------
 
 
-def trace_runs(model: Path, prompt: str, plan: LoopPlan, mixes: list[str], threads: int | None) -> dict:
-    """Metrics of the unlooped model and of the plan under each mix, on one model load."""
+# the longest prompt traced: every virtual layer's logit lens is a [token, vocabulary] array, so memory and
+# time grow with tokens x vocabulary x depth (3,000 tokens of a 49k vocabulary reached 9.8 GB)
+MAX_TRACE_TOKENS = 256
+
+
+def trace_runs(
+    model: Path,
+    prompt: str,
+    plan: LoopPlan,
+    mixes: list[str],
+    threads: int | None,
+    max_tokens: int = MAX_TRACE_TOKENS,
+) -> dict:
+    """Metrics of the unlooped model and of the plan under each mix, on one model load, for a prompt
+    of at most max_tokens tokens (OptionError for an empty or a longer prompt, before any is traced)."""
+    if not prompt:
+        raise OptionError("the prompt is empty: trace follows a prompt's tokens through the layers")
     llm = LoopedLlama(str(model), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    head = load_head(model)
     tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
     trained = llama_cpp.llama_model_n_ctx_train(llm.model)
-    if len(tokens) > trained:
+    limit = min(max_tokens, trained)
+    if not tokens or len(tokens) > limit:
         llm.close()
-        raise OptionError(f"the prompt has {len(tokens)} tokens, more than the model's context of {trained}")
+        if not tokens:
+            raise OptionError("the prompt gives no tokens: trace follows a prompt's tokens through the layers")
+        why = f"the model's context of {trained}" if trained < max_tokens else f"trace's limit of {max_tokens}"
+        raise OptionError(f"the prompt has {len(tokens)} tokens, more than {why}: shorten it")
+    head = load_head(model)
 
     def detok(t: int) -> str:
         return llm.detokenize([t]).decode("utf-8", "replace")

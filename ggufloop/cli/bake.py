@@ -17,9 +17,13 @@ from .options import plan_from, plan_options, writable_file
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The new GGUF file.")
 def command(model: str, loop: str, mix: str | None, decode: str | None, moe: str | None, output: str) -> None:
     """Store a loop plan in a copy of MODEL's metadata (tensors unchanged)."""
-    from ..gguf_io import write_plan
+    from ..errors import PlanError
+    from ..gguf_io import metadata, open_gguf, write_plan
     from ..models import resolve
 
     plan = plan_from(loop, mix, decode=decode, moe=moe)
-    out = write_plan(resolve(model), writable_file(output), plan)
+    path = resolve(model)
+    if why := plan.routing_refusal(metadata(open_gguf(path))):  # what generate and chat would refuse
+        raise PlanError(why)
+    out = write_plan(path, writable_file(output), plan)
     click.echo(f"wrote {out} with plan {plan}")

@@ -7,6 +7,7 @@ import time
 
 import click
 
+from .. import rpc
 from ..errors import UserError
 from ..plan import LoopPlan, Mix
 from .options import describe, load, runtime_options
@@ -30,6 +31,7 @@ def stream_reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str
             text = choice["delta"].get("content") or ""
             if text:
                 click.echo(text, nl=False)
+                rpc.streamed(text)  # a lost RPC server's error then starts on a line of its own
                 parts.append(text)
                 n += 1
     except RuntimeError as err:  # llama.cpp found no room in the KV cache for the next token
@@ -40,6 +42,7 @@ def stream_reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str
         stream.close()
     secs = time.perf_counter() - t0
     click.echo()
+    rpc.streamed("\n")
     click.secho(f"[{n} tokens, {n / secs:.1f} tok/s, {describe(llm)}]", fg="cyan", err=True)
     return "".join(parts)
 

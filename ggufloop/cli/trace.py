@@ -8,8 +8,15 @@ import click
 
 from .options import plan_from, plan_options, quiet_llama_logs, split_list, writable_dir
 
+MAX_PROMPT_TOKENS = 256  # as trajectory.MAX_TRACE_TOKENS, here so that --help loads no llama.cpp
+HELP = (
+    "Capture the residual stream after every virtual layer for PROMPT; metrics as JSON, figures as PNG.\n\n"
+    f"PROMPT is at most {MAX_PROMPT_TOKENS} tokens (and the model's context): every virtual layer's logit "
+    "lens keeps a distribution over the vocabulary for each token, so memory grows with the prompt."
+)
 
-@click.command("trace")
+
+@click.command("trace", help=HELP)
 @click.argument("model")
 @click.argument("prompt")
 @plan_options(required=True)
@@ -43,7 +50,7 @@ def command(
         plan.with_mix(m)  # every mix checked before any work
     out = writable_dir(output)
     path = resolve(model)
-    data = trace_runs(path, prompt, plan, mixes, threads)
+    data = trace_runs(path, prompt, plan, mixes, threads, MAX_PROMPT_TOKENS)
     stem = f"trace-{path.stem}-{plan.start}_{plan.end}x{plan.count}"
     (out / f"{stem}.json").write_text(json.dumps(data))
     plots.trace_curves(data, plan, out / f"{stem}-curves.png")
