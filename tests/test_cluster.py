@@ -119,3 +119,36 @@ def test_a_missing_ray_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ClusterError, match=r"pip install 'ggufloop\[cluster\]'"):
         cluster._import_ray()
+
+
+@pytest.mark.parametrize("task, shots", [("winogrande", 0), ("arc_easy", 3)])
+def test_few_shot_requests_from_a_split_pool_on_the_cluster_equal_the_local_run(
+    cluster, tiny_models, tmp_path, task, shots
+):
+    """B1: the driver keyed a unit without its shot count, so with a search's few-shot pool and --shots whose
+    zero-ness differs from the task's default (tune --cluster --shots 0 on WinoGrande, or 3 on ARC-Easy) every
+    worker refused the unit ("renders prompts differently"). The rows must be the local run's, bit for bit."""
+    from ggufloop.eval.cluster import LocalExecutor
+    from ggufloop.eval.tasks import TASKS, FewshotPool
+
+    path = tiny_models["llama"][2]
+    ids = [it.id for it in TASKS[task].items(0, 12)]
+    pool = FewshotPool("split:0:0.5", frozenset(ids[6:]))
+    requests = [Request(plan, task, shots, 12, tuple(ids[:6]), pool) for plan in ("none", "1:3x2/uniform")]
+    got = {}
+    for name in ("local", "ray"):
+        store = Store(tmp_path / f"{name}.sqlite")
+        sha = store.model_sha(path)
+        if name == "local":
+            executor = LocalExecutor(path, store, sha, threads=1)
+        else:
+            executor = RayExecutor(
+                ClusterConfig(cluster.address), WorkerModel(str(path), sha, path.stat().st_size), store
+            )
+        try:
+            got[name] = executor.run(requests)
+        finally:
+            executor.close()
+            store.close()
+    assert got["ray"] == got["local"] and all(len(r) == 6 for r in got["local"])
+    assert rows(tmp_path / "ray.sqlite") == rows(tmp_path / "local.sqlite")

@@ -326,19 +326,21 @@ def test_cli_runner_sees_one_line_for_a_bad_db(tmp_path):
     assert isinstance(res.exception, SystemExit)  # not an exception escaping the command
 
 
+@pytest.mark.data
 def test_results_export_and_import_round_trip(tmp_path):
     a = Store(tmp_path / "a.sqlite")
     from ggufloop.eval.store import Row, Unit
 
-    unit = Unit("sha", "piqa", 0, "v1", "1:3x2")
-    a.add(unit, [Row("1", [-1.5, -2.25], 0, True, False), Row("2", [-3.0, -1.0], 1, True, True)])
+    # rows an import accepts: piqa's items 0 and 1 (gold 0 and 1; choices of 165/167 and 31/35 characters)
+    unit = Unit("5" * 64, "piqa", 0, "v1", "1:3x2")
+    a.add(unit, [Row("0", [-1.5, -1.505], 0, True, False), Row("1", [-3.0, -1.0], 1, True, True)])
     assert a.export_rows(tmp_path / "rows.csv.gz") == 2
     a.close()
     b = Store(tmp_path / "b.sqlite")
     assert b.import_rows(tmp_path / "rows.csv.gz") == 2
     assert b.import_rows(tmp_path / "rows.csv.gz") == 0  # nothing twice
-    assert b.rows(unit) == {"1": (1, 0), "2": (1, 1)}
-    assert b.db.execute("SELECT lls FROM results WHERE item='1'").fetchone()[0] == "[-1.5, -2.25]"
+    assert b.rows(unit) == {"0": (1, 0), "1": (1, 1)}
+    assert b.db.execute("SELECT lls FROM results WHERE item='0'").fetchone()[0] == "[-1.5, -1.505]"
     (tmp_path / "bad.csv").write_text("not,an,export\n")
     with pytest.raises(StoreError, match="not a ggufloop results export"):
         b.import_rows(tmp_path / "bad.csv")

@@ -294,6 +294,7 @@ def load(
         loop=plan,
         n_ctx=ctx_size,
         n_threads=threads,
+        n_threads_batch=threads,  # prompt processing too: llama-cpp-python's default is every core
         seed=seed,
         verbose=verbose,
         **placement.llama_kwargs(),

@@ -59,6 +59,7 @@ def command(
     from ..eval.cluster import ClusterConfig
     from ..eval.sweep import block_ranges, cells
     from ..eval.tasks import TASKS
+    from ..eval.units import unit_for
     from ..gguf_io import model_info
     from ..models import resolve
 
@@ -82,9 +83,9 @@ def command(
     sha = store.model_sha(path)
     ids = [it.id for it in items]
     wanted = set(ids)
-    prompt = the_task.prompt_key()
+    prompt = unit_for(sha, the_task, shots, "none", None).prompt
     # only what is not scored yet goes to workers: a finished sweep redraws its map without loading the model
-    units = [u for u in (Unit(sha, task, shots_used, prompt, p) for p in plans) if not wanted <= store.done(u)]
+    units = [u for u in (unit_for(sha, the_task, shots, p, None) for p in plans) if not wanted <= store.done(u)]
     if units and cluster:
         todo = [u.plan for u in units]
         _on_cluster(ClusterConfig(cluster, threads or 1), path, store, sha, todo, task, shots, limit, len(items))

@@ -35,6 +35,7 @@ from ..plan import LoopPlan
 from ..rpc import Placement
 from .store import Row, Store, Unit
 from .tasks import TASKS, FewshotPool
+from .units import unit_for
 
 CHUNK_ITEMS = 16
 """Items per unit of work: run_unit's batches, so a chunk's log-likelihoods equal a local run's."""
@@ -199,7 +200,7 @@ def score_chunk(model: WorkerModel, threads: int, unit: Unit, request: Request, 
             f"{unit.model[:12]}): nothing was scored"
         )
     task = TASKS[unit.task]
-    if task.prompt_key(request.pool, unit.shots) != unit.prompt:
+    if unit_for(unit.model, task, unit.shots, unit.plan, request.pool) != unit:
         raise ClusterError(f"node {_node()} renders {unit.task}'s prompts differently: install the same ggufloop")
     if LoopPlan.parse(unit.plan) != loaded.scorer.plan:
         loaded.scorer.set_plan(unit.plan)
@@ -276,8 +277,8 @@ class RayExecutor:
         try:
             for r in requests:
                 task = TASKS[r.task]
-                shots = task.default_shots if r.shots is None else r.shots
-                unit = Unit(self.model.sha256, task.name, shots, task.prompt_key(r.pool), str(LoopPlan.parse(r.plan)))
+                unit = unit_for(self.model.sha256, task, r.shots, r.plan, r.pool)
+                shots = unit.shots
                 ids = list(r.ids) if r.ids is not None else [it.id for it in task.items(shots, r.limit, pool=r.pool)]
                 asked.append((unit, ids))
                 new = [i for i in dict.fromkeys(ids) if (unit.key(), i) not in self._claimed]

@@ -11,11 +11,13 @@ from ..plan import LoopPlan
 from ..rpc import Placement
 from .scoring import Scorer, accuracy
 from .stats import Comparison, compare
-from .store import Row, Store, Unit
+from .store import GenerationRow, Row, Store, Unit
 from .tasks import FewshotPool, Task
+from .units import unit_for
 
 if TYPE_CHECKING:
     from .cluster import ClusterConfig
+    from .gsm8k import Generator, Problem, PromptFormat, Prompts
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,11 @@ def run_unit(
 
     ``ids`` restricts the unit to those items (in that order); ``pool`` restricts where few-shot
     examples come from (see Task.items)."""
-    shots = task.default_shots if shots is None else shots
-    items = task.items(shots, limit, pool=pool)
+    unit = unit_for(model_sha, task, shots, scorer.plan, pool)
+    items = task.items(unit.shots, limit, pool=pool)
     if ids is not None:
         by_id = {it.id: it for it in items}
         items = [by_id[i] for i in ids]
-    unit = Unit(model_sha, task.name, shots, task.prompt_key(pool, shots), str(scorer.plan))
     done = store.done(unit)
     todo = [it for it in items if it.id not in done]
     if progress and len(items) > len(todo):
@@ -119,6 +120,10 @@ def evaluate(
                     "plan": asdict(summarize(t.name, s, str(plan), rows)),
                     "acc": asdict(paired(base_rows[t.name], rows)),
                     "acc_norm": asdict(paired(base_rows[t.name], rows, norm=True)),
+                    "imported": sum(
+                        store.imported(unit_for(sha, t, s, p, None), got_rows)
+                        for p, got_rows in (("none", base_rows[t.name]), (str(plan), rows))
+                    ),
                 }
             )
     finally:
@@ -147,7 +152,156 @@ def comparison_table(results: list[dict]) -> str:
         base = sum(r["acc"]["base_acc"] for r in mmlu) / len(mmlu)
         plan = sum(r["acc"]["plan_acc"] for r in mmlu) / len(mmlu)
         lines.append(
-            f"| mmlu (macro, {len(mmlu)} subjects) | 5 | {sum(r['acc']['n'] for r in mmlu)} | {base:.4f} | "
+            f"| mmlu (macro, {len(mmlu)} subjects) | {mmlu[0]['shots']} | {sum(r['acc']['n'] for r in mmlu)} | "
+            f"{base:.4f} | "
             f"{plan:.4f} | {plan - base:+.4f} | | | | | |"
         )
+    return "\n".join(lines)
+
+
+# -- generative tasks (gsm8k) ---------------------------------------------------------------
+
+
+def run_generative_unit(
+    generator: Generator,
+    prompts: Prompts,
+    store: Store,
+    unit: Unit,
+    problems: list[Problem],
+    max_new_tokens: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, GenerationRow]:
+    """Generate and score one (plan, format) unit of GSM8K problems under the generator's current plan,
+    skipping what the store has; each answer is committed as soon as it is scored. Every prompt is
+    checked against the context before the first is generated."""
+    from .gsm8k import flexible_extract, is_correct, strict_match
+
+    done = store.generated(unit, max_new_tokens)
+    todo = [p for p in problems if p.id not in done]
+    if progress and len(problems) > len(todo):
+        progress(len(problems) - len(todo))
+    if todo:
+        tokens = {p.id: prompts.tokens(p.question) for p in todo}
+        for p in todo:
+            generator.check_fits(tokens[p.id], max_new_tokens, f"{unit.task} item {p.id}")
+        generator.set_prefix(prompts.prefix)
+    fmt = prompts.fmt
+    for p in todo:
+        g = generator.generate(tokens[p.id], max_new_tokens, fmt.stops, f"{unit.task} item {p.id}")
+        strict, flexible = strict_match(fmt, g.text), flexible_extract(g.text)
+        row = GenerationRow(
+            p.id,
+            g.text,
+            len(g.tokens),
+            g.hit_limit,
+            strict,
+            flexible,
+            p.gold,
+            is_correct(strict, p.gold),
+            is_correct(flexible, p.gold),
+        )
+        store.add_generations(unit, max_new_tokens, [row])
+        if progress:
+            progress(1)
+    rows = store.generations(unit, max_new_tokens)
+    return {p.id: rows[p.id] for p in problems}
+
+
+def _generation_summary(rows: dict[str, GenerationRow]) -> dict:
+    n = len(rows)
+    return {
+        "n": n,
+        "strict": sum(r.correct_strict for r in rows.values()) / n,
+        "flexible": sum(r.correct_flexible for r in rows.values()) / n,
+        "hit_limit": sum(r.hit_limit for r in rows.values()),
+        "mean_tokens": sum(r.n_tokens for r in rows.values()) / n,
+    }
+
+
+def evaluate_gsm8k(
+    model: str | Path,
+    plan: LoopPlan | str,
+    fmt: PromptFormat | str | None = None,
+    shots: int | None = None,
+    limit: int | None = None,
+    db: str | Path | None = None,
+    threads: int | None = None,
+    max_new_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    placement: Placement | None = None,
+) -> dict:
+    """GSM8K answers of the unlooped model and of the plan (stored, resumable), compared paired under
+    both filters (strict-match, flexible-extract). ``fmt``: a format or its name (default: the
+    model's, see gsm8k.format_for); ``shots``: the first of the 8 exemplars (default all 8). The model is
+    loaded only when something is left to generate."""
+    from . import gsm8k
+
+    fmt = fmt if isinstance(fmt, gsm8k.PromptFormat) else gsm8k.format_for(model, fmt)
+    shots = gsm8k.check_shots(shots)
+    max_new_tokens = gsm8k.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    problems = gsm8k.problems(limit)
+    store = Store(db) if db else Store()
+    generator = None
+    try:
+        store.check_writable()
+        sha = store.model_sha(model)
+        plan = LoopPlan.parse(plan)
+        got = {}
+        for p in (str(plan), "none"):  # the plan first: one the model refuses fails at once
+            unit = Unit(sha, gsm8k.TASK, shots, fmt.key(), p)
+            if {pr.id for pr in problems} <= store.generated(unit, max_new_tokens):
+                got[p] = _stored(store, unit, problems, max_new_tokens, progress)
+                continue
+            if generator is None:
+                generator = gsm8k.Generator(model, p, threads=threads, placement=placement)
+                prompts = gsm8k.Prompts(generator.llm, fmt, shots)
+            else:
+                generator.set_plan(p)
+            got[p] = run_generative_unit(generator, prompts, store, unit, problems, max_new_tokens, progress)
+    finally:
+        if generator is not None:
+            generator.close()
+        store.close()
+    base, looped = got["none"], got[str(plan)]
+    ids = [p.id for p in problems]
+    return {
+        "task": gsm8k.TASK,
+        "format": fmt.name,
+        "prompt": fmt.key(),
+        "lm_eval": fmt.lm_eval,
+        "shots": shots,
+        "max_new_tokens": max_new_tokens,
+        "baseline": {"plan": "none", **_generation_summary(base)},
+        "plan": {"plan": str(plan), **_generation_summary(looped)},
+        "strict": asdict(compare([base[i].correct_strict for i in ids], [looped[i].correct_strict for i in ids])),
+        "flexible": asdict(compare([base[i].correct_flexible for i in ids], [looped[i].correct_flexible for i in ids])),
+    }
+
+
+def _stored(
+    store: Store, unit: Unit, problems: list[Problem], max_new_tokens: int, progress: Callable[[int], None] | None
+) -> dict[str, GenerationRow]:
+    rows = store.generations(unit, max_new_tokens)
+    if progress:
+        progress(len(problems))
+    return {p.id: rows[p.id] for p in problems}
+
+
+def generation_table(results: list[dict]) -> str:
+    """Markdown: per generative task and filter, baseline, plan, difference with its 95 % interval and
+    McNemar p, and how many answers ran out of tokens."""
+    head = (
+        "| task | format | shots | n | filter | base acc | plan acc | diff [95% CI] | p | hit limit (base, plan) |\n"
+        + "|---" * 10
+        + "|"
+    )
+    lines = [head]
+    for r in results:
+        for name, key in (("strict-match", "strict"), ("flexible-extract", "flexible")):
+            a = r[key]
+            lines.append(
+                f"| {r['task']} | {r['format']} | {r['shots']} | {a['n']} | {name} | {a['base_acc']:.4f} | "
+                f"{a['plan_acc']:.4f} | {a['diff']:+.4f} [{a['ci_low']:+.4f}, {a['ci_high']:+.4f}] | "
+                f"{a['p_value']:.3g} | {r['baseline']['hit_limit']}, {r['plan']['hit_limit']} |"
+            )
     return "\n".join(lines)
