@@ -119,11 +119,11 @@ def command(
         click.echo(("\n" if results else "") + generation_table(generated))
     for r in generated:
         b, p = r["baseline"], r["plan"]
+        click.echo(f"  {r['task']}: prompt {r['prompt']}, {r['shots']}-shot, greedy: {r['lm_eval']}", err=True)
         click.echo(
-            f"  {r['task']}: prompt {r['prompt']} ({r['lm_eval']}), {r['shots']}-shot, greedy, at most "
-            f"{r['max_new_tokens']} new tokens; {b['hit_limit'] + p['hit_limit']} of the {2 * b['n']} answers "
-            f"reached it and were scored as they stand; {b['mean_tokens']:.0f} and {p['mean_tokens']:.0f} "
-            "tokens per answer (unlooped, plan)",
+            f"  {r['task']}: {b['hit_limit'] + p['hit_limit']} of the {2 * b['n']} answers reached --max-new-tokens "
+            f"{r['max_new_tokens']} and were scored as they stand; {b['mean_tokens']:.0f} and "
+            f"{p['mean_tokens']:.0f} tokens per answer (unlooped, plan)",
             err=True,
         )
     out = Path(json_out) if json_out else Path(db).parent / f"eval-{path.stem}-{str(plan).replace('/', '_')}.json"
