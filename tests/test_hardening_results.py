@@ -252,3 +252,59 @@ def test_threads_reach_prompt_processing(tiny_models):
         assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (1, 1)
     finally:
         llm.close()
+
+
+# -- generations travel too, checked as strictly ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
+    """A database with 2 GSM8K answers by a tiny model (unlooped and under a plan), and its generations' export."""
+    tmp = tmp_path_factory.mktemp("generated")
+    db = tmp / "g.sqlite"
+    args = ["eval", str(tiny_models["llama"][2]), "--tasks", "gsm8k", "--loop", "1:3x2", "--limit", "2"]
+    proc = ggufloop(
+        *args, "--shots", "0", "--max-new-tokens", "6", "-t", "1", "--db", str(db), "--json", str(tmp / "g.json")
+    )
+    assert proc.returncode == 0, proc.stderr
+    proc = ggufloop("report", "--db", str(db), "--export-generations", str(tmp / "gen.csv.gz"))
+    assert proc.returncode == 0, proc.stderr
+    return db, tmp / "gen.csv.gz"
+
+
+def test_generations_round_trip_and_count_as_imported(generated, tmp_path):
+    proc = ggufloop("report", "--db", str(tmp_path / "new.sqlite"), "--import-generations", str(generated[1]))
+    assert proc.returncode == 0 and "imported 4 new generations" in proc.stderr, proc.stderr
+    table = [line for line in proc.stdout.splitlines() if "| gsm8k |" in line]
+    assert len(table) == 2 and all(line.endswith("| 2 |") for line in table), proc.stdout
+    with sqlite3.connect(generated[0]) as a, sqlite3.connect(tmp_path / "new.sqlite") as b:
+        query = "SELECT * FROM generations ORDER BY plan, item"
+        assert a.execute(query).fetchall() == b.execute(query).fetchall()
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("text", "So the answer is 42.", "not what the text gives"),
+        ("correct_flexible", "7", "are 0 or 1"),
+        ("gold", "99999", "not what the text gives"),
+        ("item", "5000", "gsm8k has no item"),
+        ("prompt", "chat-v9", "is not one of gsm8k's"),
+        ("n_tokens", "9", "out of range"),
+        ("task", "winogrande", "unknown generative task"),
+    ],
+)
+def test_a_forged_generation_refuses_the_file(generated, tmp_path, column, value, message):
+    from ggufloop.eval.store import GENERATION_COLUMNS
+
+    with gzip.open(generated[1], "rt", newline="") as f:
+        rows = list(csv.reader(f))
+    rows[2][[*GENERATION_COLUMNS, "model_name"].index(column)] = value
+    bad = tmp_path / "bad.csv"
+    with open(bad, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    proc = ggufloop("report", "--db", str(tmp_path / "new.sqlite"), "--import-generations", str(bad))
+    one_error(proc, "line 3: ")
+    one_error(proc, message)
+    with sqlite3.connect(tmp_path / "new.sqlite") as con:
+        assert con.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 0

@@ -6,10 +6,10 @@
 # and exports them again after every step, so a killed run loses at most the step in flight.
 #
 #   bash docs/reproduction/run.sh            # everything that resumes: heldout, heatmap, families, choice
-#   bash docs/reproduction/run.sh cost       # one part: heldout | heatmap | families | choice | cost
+#   bash docs/reproduction/run.sh cost       # one part: heldout | heatmap | families | choice | cost | gsm8k
 #
 # cost is a timing run from empty databases (about 45 min): it starts over every time, so it runs
-# only when named.
+# only when named. gsm8k (issue 25's study, hours per plan) runs only when named too.
 #
 # Threads: GGUFLOOP_THREADS (default 2). Caps on items and shots, and why, are in docs/reproduction.md.
 set -euo pipefail
@@ -21,9 +21,12 @@ OUT=docs/reproduction
 ROWS=$OUT/data/rows.csv.gz
 mkdir -p "$OUT/data" "$OUT/cost" "$OUT/heldout" results
 
+GENS=$OUT/data/generations.csv.gz  # the generative tasks' answers (gsm8k), text and scores
+
 sync_rows() {  # import what git has, export what the database has
     if [ -f "$ROWS" ]; then "$G" report --db "$DB" --import "$ROWS" >/dev/null; fi
-    "$G" report --db "$DB" --export "$ROWS" >/dev/null
+    if [ -f "$GENS" ]; then "$G" report --db "$DB" --import-generations "$GENS" >/dev/null; fi
+    "$G" report --db "$DB" --export "$ROWS" --export-generations "$GENS" >/dev/null
 }
 
 # the blocks of cost, choice and families: SmolLM2-135M, WinoGrande 0-shot, starting at 8..17, 2 or 3 layers, K = 3
@@ -96,6 +99,21 @@ heldout() {  # per model, the plan tune selects among naive and uniform blocks, 
             --json $OUT/heldout/tune-$model.json > $OUT/heldout/tune-$model.txt
         sync_rows
         "${PYTHON:-.venv/bin/python}" $OUT/heldout.py $OUT/heldout/tune-*.json > $OUT/heldout/table.md
+    done
+}
+
+gsm8k() {  # GSM8K test (1,319 items; 8-shot chain of thought through the chat template, greedy, 256 new tokens)
+    # step 1 of docs/reproduction.md §5: Qwen2.5-Coder-0.5B-Instruct unlooped and under the two plans the
+    # multiple-choice study selected for it (§2), full decoding, then decode bypass; steps of items, so that the
+    # answers reach git as they finish and a killed run loses at most one step
+    local plan limit name model=qwen2.5-coder-0.5b-instruct
+    mkdir -p $OUT/gsm8k
+    for plan in 11:14x3/uniform 15:19x3/uniform 11:14x3/uniform@bypass 15:19x3/uniform@bypass; do
+        name=$OUT/gsm8k/eval-$model-$(echo "$plan" | tr ':/@' '___')
+        for limit in 100 200 400 800 1319; do
+            "$G" eval $model --tasks gsm8k --loop $plan --limit $limit -t $T --db "$DB" --json $name.json > $name.txt
+            sync_rows
+        done
     done
 }
 

@@ -5,7 +5,8 @@ it stopped; a configuration (model, task, shots, prompt format, plan with its mi
 scored twice. The prompt format is part of the key, so an edited prompt template or another
 few-shot pool never reuses old rows. Generative tasks (gsm8k) keep each item's generated text with
 both filters' answers and scores in ``generations``, under the same key plus the token limit, so a
-scoring can be recomputed without generating again.
+scoring can be recomputed without generating again. ``perplexity`` keeps each ``ggufloop perplexity``
+result (a plan's PPL and KL divergence against the unlooped model on a text).
 
 The store refuses, with one line, a file that is not SQLite, is damaged, or holds other tables
 than ggufloop's, and never writes into such a file. A read-only database can still be read;
@@ -24,13 +25,16 @@ import sqlite3
 import stat
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ..errors import StoreError
 from ..models import sha256_file
+
+if TYPE_CHECKING:
+    from .perplexity import PerplexityResult
 
 DEFAULT_DB = Path(os.environ.get("GGUFLOOP_RESULTS", "results/ggufloop.sqlite"))
 
@@ -70,8 +74,33 @@ CREATE TABLE generations (    -- generative tasks (gsm8k): one greedy answer per
     correct_flexible INTEGER NOT NULL,
     PRIMARY KEY (model, task, shots, prompt, plan, max_new_tokens, item)
 );
+CREATE TABLE perplexity (     -- ggufloop perplexity: a plan against the unlooped model on a text
+    model TEXT NOT NULL,      -- sha256 of the GGUF file
+    text TEXT NOT NULL,       -- sha256 of the scored text (UTF-8)
+    text_name TEXT NOT NULL,  -- a corpus name or the --text file's name
+    n_ctx INTEGER NOT NULL,
+    n_chunks INTEGER NOT NULL,
+    kld_tokens INTEGER NOT NULL,  -- tokens of the KLD (0: every scored token)
+    plan TEXT NOT NULL,
+    n_tokens INTEGER NOT NULL,  -- scored tokens
+    ppl REAL NOT NULL,
+    ppl_base REAL NOT NULL,
+    ln_ratio REAL NOT NULL,   -- mean ln(PPL(plan)/PPL(base)), with its paired standard error
+    ln_ratio_se REAL NOT NULL,
+    kld REAL NOT NULL,        -- mean KL(unlooped || plan), with its standard error
+    kld_se REAL NOT NULL,
+    kld_p99 REAL NOT NULL,
+    rms_dp REAL NOT NULL,
+    same_top REAL NOT NULL,
+    stats TEXT NOT NULL,      -- JSON: every statistic (ggufloop.eval.perplexity.statistics)
+    PRIMARY KEY (model, text, n_ctx, n_chunks, kld_tokens, plan)
+);
 """
-TABLES = {"results", "models", "imported", "generations"}
+TABLES = {"results", "models", "imported", "generations", "perplexity"}
+GENERATION_COLUMNS = [
+    "model", "task", "shots", "prompt", "plan", "max_new_tokens", "item", "text", "n_tokens", "hit_limit",
+    "strict", "flexible", "gold", "correct_strict", "correct_flexible",
+]  # fmt: skip
 # the first schema (no prompt column): its rows are kept, as prompt format "v1"
 V1_RESULTS_COLUMNS = ["model", "task", "shots", "plan", "item", "lls", "gold", "correct", "correct_norm"]
 
@@ -142,6 +171,9 @@ class Store:
                 self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif tables == TABLES and version == SCHEMA_VERSION:
             self._expect_columns("results", RESULTS_COLUMNS)
+        elif tables == TABLES - {"perplexity"} and version == SCHEMA_VERSION:  # schema 3 before it had the table
+            self._expect_columns("results", RESULTS_COLUMNS)
+            self._upgrade("CREATE TABLE perplexity" + SCHEMA.split("CREATE TABLE perplexity")[1])
         elif tables == {"results", "models"} and version == 2:
             self._expect_columns("results", RESULTS_COLUMNS)
             self._upgrade("CREATE TABLE imported" + SCHEMA.split("CREATE TABLE imported")[1])
@@ -175,8 +207,8 @@ class Store:
         )
 
     def _upgrade(self, script: str) -> None:
-        """Bring a database of an older schema to this one, its rows kept (schema 2 lacked 'imported' and
-        'generations')."""
+        """Bring a database of an older schema to this one, its rows kept (schema 2 lacked 'imported',
+        'generations' and 'perplexity')."""
         if not self.writable:
             raise StoreError(f"{self.path} is from an older ggufloop and must be upgraded, but it is read-only")
         with self.db:
@@ -297,6 +329,49 @@ class Store:
             )
         }
 
+    # -- perplexity ----------------------------------------------------------------------------
+
+    def add_perplexity(self, r: PerplexityResult) -> None:
+        """Keep a perplexity result; a new run of the same key (model, text, context, chunks, KLD tokens,
+        plan) replaces the old one (the same computation, so the same numbers)."""
+        s = r.stats
+        row = (
+            r.model_sha256,
+            r.text_sha256,
+            r.text,
+            r.n_ctx,
+            r.n_chunk,
+            r.kld_tokens,
+            r.plan,
+            s["n_tokens"],
+            s["ppl"],
+            s["ppl_base"],
+            s["ln_ratio"],
+            s["ln_ratio_se"],
+            s["kld"]["mean"],
+            s["kld"]["se"],
+            s["kld"]["p99"],
+            s["dp"]["rms"],
+            s["same_top"],
+            json.dumps(s),
+        )
+        try:
+            with self.db:
+                self.db.execute(f"INSERT OR REPLACE INTO perplexity VALUES ({','.join('?' * len(row))})", row)
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"cannot write to the results database {self.path}: {err}") from None
+        if Path(r.model).is_file():
+            self.model_sha(r.model)  # the report names the model
+
+    def perplexity_summary(self) -> list[tuple]:
+        """(model name, text name, n_ctx, n_chunks, plan, n_tokens, ppl, ppl_base, ln_ratio, ln_ratio_se, kld,
+        kld_se, kld_p99, rms_dp, same_top) of every perplexity result."""
+        return self.db.execute(
+            "SELECT COALESCE((SELECT name FROM models m WHERE m.sha256 = p.model LIMIT 1), substr(p.model, 1, 12)),"
+            " text_name, n_ctx, n_chunks, plan, n_tokens, ppl, ppl_base, ln_ratio, ln_ratio_se, kld, kld_se,"
+            " kld_p99, rms_dp, same_top FROM perplexity p ORDER BY 1, 2, 3, 4, 5"
+        ).fetchall()
+
     def summary(self) -> list[tuple]:
         """(model name, task, shots, prompt, plan, n, acc, acc_norm, imported) for every configuration;
         imported: how many of its n rows came from an export file rather than being scored here."""
@@ -306,6 +381,17 @@ class Store:
             " SUM(EXISTS (SELECT 1 FROM imported i WHERE i.model = r.model AND i.task = r.task AND i.shots = r.shots"
             " AND i.prompt = r.prompt AND i.plan = r.plan AND i.item = r.item)) FROM results r"
             " GROUP BY model, task, shots, prompt, plan ORDER BY 1, 2, 3, 4, 5"
+        ).fetchall()
+
+    def generation_summary(self) -> list[tuple]:
+        """(model name, task, shots, prompt, plan, max_new_tokens, n, strict acc, flexible acc, answers that
+        hit the limit, imported) for every generative configuration."""
+        return self.db.execute(
+            "SELECT COALESCE((SELECT name FROM models m WHERE m.sha256 = g.model LIMIT 1), substr(g.model, 1, 12)),"
+            " task, shots, prompt, plan, max_new_tokens, COUNT(*), AVG(correct_strict), AVG(correct_flexible),"
+            " SUM(hit_limit), SUM(EXISTS (SELECT 1 FROM imported i WHERE i.model = g.model AND i.task = g.task"
+            " AND i.shots = g.shots AND i.prompt = g.prompt AND i.plan = g.plan AND i.item = g.item))"
+            " FROM generations g GROUP BY model, task, shots, prompt, plan, max_new_tokens ORDER BY 1, 2, 3, 4, 5, 6"
         ).fetchall()
 
     def imported(self, unit: Unit, items: Iterable[str]) -> int:
@@ -326,9 +412,16 @@ class Store:
         target as it was; a target that is this database (or its -wal/-shm/-journal file), by path,
         symlink or hard link, or that exists and is not a regular file, is refused before anything is
         written."""
+        return self._export(path, "results", RESULTS_COLUMNS)
+
+    def export_generations(self, path: str | Path) -> int:
+        """The generations (generative tasks) as ``export_rows`` writes results; back with ``import_generations``."""
+        return self._export(path, "generations", GENERATION_COLUMNS)
+
+    def _export(self, path: str | Path, table: str, columns: list[str]) -> int:
         target = Path(path)
         self.check_export_target(target)
-        rows = self.db.execute(f"SELECT {', '.join(RESULTS_COLUMNS)} FROM results ORDER BY 1, 2, 3, 4, 5, 6")
+        rows = self.db.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {', '.join(columns[:7])}")
         names = dict(self.db.execute("SELECT sha256, name FROM models").fetchall())
         n = 0
         try:
@@ -339,7 +432,7 @@ class Store:
             os.close(fd)
             with _open_text(tmp, "w", gz=target.name.endswith(".gz")) as f:
                 w = csv.writer(f)
-                w.writerow([*RESULTS_COLUMNS, "model_name"])
+                w.writerow([*columns, "model_name"])
                 for r in rows:
                     w.writerow([*r, names.get(r[0], "")])
                     n += 1
@@ -373,44 +466,53 @@ class Store:
     def import_rows(self, path: str | Path) -> int:
         """Add the rows of an ``export_rows`` file that the store lacks; returns how many were new.
 
-        Every row is checked before any is added (see ``check_row``); the first bad row refuses the
+        Every row is checked before any is added (see ``RowChecker``); the first bad row refuses the
         whole file with its line number. Added rows are marked as imported (``imported``)."""
+        return self._import(path, "results", RESULTS_COLUMNS, RowChecker(self).check)
+
+    def import_generations(self, path: str | Path) -> int:
+        """Add the generations of an ``export_generations`` file that the store lacks, each checked as
+        ``GenerationChecker`` says (every answer and score recomputed from the text); as ``import_rows``."""
+        return self._import(path, "generations", GENERATION_COLUMNS, GenerationChecker(self).check)
+
+    def _import(self, path: str | Path, table: str, columns: list[str], check: Callable[[list[str]], tuple]) -> int:
         self.check_writable()
-        checker = RowChecker(self)
         rows, names = [], {}
         line = 1
         try:
             with _open_text(path, "r") as f:
                 reader = csv.reader(f)
-                if next(reader, None) != [*RESULTS_COLUMNS, "model_name"]:
-                    raise StoreError(f"{path} is not a ggufloop results export")
+                if next(reader, None) != [*columns, "model_name"]:
+                    raise StoreError(f"{path} is not a ggufloop {table} export")
                 for r in reader:
                     line = reader.line_num
-                    rows.append(checker.check(r))
-                    names[r[0]] = r[10]
+                    rows.append(check(r))
+                    names[r[0]] = r[-1]
         except RowError as err:
             raise StoreError(f"{path}, line {line}: {err}; nothing was imported") from None
         except (OSError, EOFError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError, csv.Error) as err:
             reason = "the file ends early (truncated)" if isinstance(err, EOFError) else str(err)
             raise StoreError(f"cannot read the results export {path}: {reason}; nothing was imported") from None
-        before = self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        keys = columns[: columns.index("item") + 1]
+        where = " AND ".join(f"{k}=?" for k in keys)
+        before = self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
         with self.db:
-            new = [r for r in rows if not self._has(r[:6])]
-            self.db.executemany("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?)", new)
-            self.db.executemany("INSERT OR IGNORE INTO imported VALUES (?,?,?,?,?,?)", [r[:6] for r in new])
+            new = [
+                r
+                for r in rows
+                if self.db.execute(f"SELECT 1 FROM {table} WHERE {where}", r[: len(keys)]).fetchone() is None
+            ]
+            marks = ",".join("?" * len(columns))
+            self.db.executemany(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", new)
+            self.db.executemany(
+                "INSERT OR IGNORE INTO imported VALUES (?,?,?,?,?,?)",
+                [tuple(r[columns.index(k)] for k in ("model", "task", "shots", "prompt", "plan", "item")) for r in new],
+            )
             self.db.executemany(
                 "INSERT OR IGNORE INTO models VALUES (?, 0, 0, ?, ?)",
                 [(f"imported:{sha}", sha, name) for sha, name in names.items() if name],
             )
-        return self.db.execute("SELECT COUNT(*) FROM results").fetchone()[0] - before
-
-    def _has(self, key: tuple) -> bool:
-        return (
-            self.db.execute(
-                "SELECT 1 FROM results WHERE model=? AND task=? AND shots=? AND prompt=? AND plan=? AND item=?", key
-            ).fetchone()
-            is not None
-        )
+        return self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] - before
 
     def local_model(self, sha: str) -> Path | None:
         """A file on this machine whose sha256 the store has recorded, if any is still there."""
@@ -532,3 +634,51 @@ _INT_FIELDS = ("shots", "gold", "correct", "correct_norm")
 
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # the first maximum, as numpy's argmax
+
+
+class GenerationChecker(RowChecker):
+    """Checks an export file's generation as ggufloop would have stored it: the key as ``RowChecker``
+    checks it (task gsm8k, an item of its data, a known prompt format), the token counts in range,
+    and both filters' answers, the reference answer and both scores exactly what the text gives."""
+
+    def check(self, r: list[str]) -> tuple:
+        from . import gsm8k
+
+        if len(r) != len(GENERATION_COLUMNS) + 1:
+            raise RowError(f"expected {len(GENERATION_COLUMNS) + 1} fields, found {len(r)}")
+        model, task, shots, prompt, plan, limit, item, text, n_tokens, hit, strict, flexible, gold, cs, cf, _ = r
+        if not _SHA256.fullmatch(model):
+            raise RowError(f"model {model[:80]!r} is not a sha256")
+        if task != "gsm8k":
+            raise RowError(f"unknown generative task {task[:80]!r}")
+        shots_n, limit_n, n, hit_n, cs_n, cf_n = (
+            self._int(name, v)
+            for name, v in zip(
+                ("shots", "max_new_tokens", "n_tokens", "hit_limit", "correct_strict", "correct_flexible"),
+                (shots, limit, n_tokens, hit, cs, cf),
+            )
+        )
+        if not 0 <= shots_n <= gsm8k.N_EXEMPLARS or limit_n < 1 or not 0 <= n <= limit_n:
+            raise RowError(f"shots {shots_n}, max_new_tokens {limit_n}, n_tokens {n} are out of range")
+        if hit_n not in (0, 1) or cs_n not in (0, 1) or cf_n not in (0, 1) or bool(hit_n) != (n == limit_n):
+            raise RowError("hit_limit and the scores are 0 or 1, and hit_limit says whether n_tokens reached the limit")
+        fmt = next((f for f in gsm8k.FORMATS.values() if f.key() == prompt), None)
+        if fmt is None:
+            raise RowError(f"prompt format {prompt[:80]!r} is not one of gsm8k's")
+        self._check_plan(model, plan)
+        problem = self._problems().get(item)
+        if problem is None:
+            raise RowError(f"gsm8k has no item {item[:80]!r}")
+        want = (gsm8k.strict_match(fmt, text), gsm8k.flexible_extract(text), problem.gold)
+        if (strict, flexible, gold) != want:
+            raise RowError(f"the answers {strict!r}, {flexible!r} (gold {gold!r}) are not what the text gives: {want}")
+        if (cs_n, cf_n) != (int(gsm8k.is_correct(want[0], want[2])), int(gsm8k.is_correct(want[1], want[2]))):
+            raise RowError("correct_strict and correct_flexible are not what the answers give")
+        return (model, task, shots_n, prompt, plan, limit_n, item, text, n, hit_n, strict, flexible, gold, cs_n, cf_n)
+
+    def _problems(self) -> dict:
+        from . import gsm8k
+
+        if "gsm8k" not in self._choices:
+            self._choices["gsm8k"] = {pr.id: pr for pr in gsm8k.problems()}
+        return self._choices["gsm8k"]
