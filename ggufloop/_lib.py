@@ -212,14 +212,12 @@ ggml_set_abort_callback = _declare_ggml("ggml_set_abort_callback", [ggml_abort_c
 # process without a word. ggml hands the message to this callback before it aborts; it goes to the
 # stderr the process had when ggufloop loaded the library.
 _STDERR_FD = os.dup(2)
-_abort_callback_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 
 
-@_abort_callback_t
+@ggml_abort_callback_t
 def _report_abort(message: bytes | None) -> None:
     os.write(_STDERR_FD, b"error: llama.cpp stopped the process: " + (message or b"(no message)") + b"\n")
 
 
-ggml_set_abort_callback = _declare_ggml("ggml_set_abort_callback", [_abort_callback_t], ctypes.c_void_p)
 if ggml_set_abort_callback is not None:
     ggml_set_abort_callback(_report_abort)

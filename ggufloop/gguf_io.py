@@ -27,11 +27,6 @@ DROP = object()  # returned by an edit function to leave a field out
 # -- reading ---------------------------------------------------------------------------------
 
 
-def check_gguf(path: str | os.PathLike) -> None:
-    """Raise ModelFileError for a missing, non-GGUF or truncated file."""
-    open_gguf(path)
-
-
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     """A reader of a GGUF file whose header and tensor table are complete, or ModelFileError.
 

@@ -119,11 +119,6 @@ class LoopedLlama(llama_cpp.Llama):
         return _backend_moe(self.ctx)
 
     @property
-    def model_size(self) -> int:
-        """Bytes of the model's weights, as llama.cpp counts them (a plan does not change it)."""
-        return int(llama_cpp.llama_model_size(self.model))
-
-    @property
     def plan(self) -> LoopPlan:
         """The plan read back from the backend."""
         start, end, count = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()

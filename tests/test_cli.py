@@ -35,26 +35,23 @@ def ggufloop(*args: str, stdin: str = "", timeout: int = 300) -> subprocess.Comp
     )
 
 
-def test_help_on_every_command():
-    for cmd in (
-        [],
-        ["info"],
-        ["chat"],
-        ["generate"],
-        ["bake"],
-        ["serve"],
-        ["rpc-server"],
-        ["models"],
-        ["models", "fetch"],
-        ["eval"],
-        ["sweep"],
-        ["report"],
-        ["trace"],
-        ["bench"],
-        ["bench-scoring"],
-    ):
-        res = run(*cmd, "--help")
-        assert res.exit_code == 0 and "Usage:" in res.output, cmd
+def _commands() -> list[list[str]]:
+    """Every command line of the CLI, subcommands of groups included (the group's table, not a list here)."""
+    from ggufloop.cli import COMMANDS, main
+
+    out = [[]]
+    for name in COMMANDS:
+        out.append([name])
+        command = main.get_command(None, name)
+        for sub in getattr(command, "commands", {}):
+            out.append([name, sub])
+    return out
+
+
+@pytest.mark.parametrize("cmd", _commands(), ids=lambda c: " ".join(c) or "ggufloop")
+def test_help_on_every_command(cmd):
+    res = run(*cmd, "--help")
+    assert res.exit_code == 0 and "Usage:" in res.output, cmd
 
 
 def test_info(tiny_models):

@@ -349,7 +349,7 @@ def open_executor(
     threads: int | None,
     cluster: ClusterConfig | None,
     placement: Placement | None = None,
-) -> LocalExecutor | RayExecutor:
+) -> Executor:
     """The executor that --cluster asks for: Ray's when given, else this process (with the model's
     layers where ``placement`` puts them)."""
     if cluster is None:
