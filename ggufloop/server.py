@@ -20,11 +20,15 @@ The endpoints are those of llama-cpp-python's server, with its request schemas a
 defaults (temperature 0.8, repeat_penalty 1.1, ...): /v1/models, /v1/completions,
 /v1/chat/completions (both streaming as server-sent events), /extras/tokenize,
 /extras/tokenize/count, /extras/detokenize. Input that would reach llama.cpp's C code unchecked
-is checked first: token ids (detokenize, logit_bias) must be in the vocabulary, and a grammar
-must parse with llama.cpp's own parser. Errors answer in OpenAI's shape
-(``{"error": {"message", "type", "param", "code"}}``) and never carry server paths or tracebacks.
-A model whose logits are not finite (a damaged file) answers 500 with that reason, never an
-empty answer: LoopedLlama.eval checks every evaluated row.
+is checked first: token ids (detokenize, logit_bias) must be in the vocabulary, a grammar must
+parse with llama.cpp's own parser, text must have a UTF-8 form (no lone surrogates), and a prompt
+must fit the context. ``logprobs`` is refused (the model keeps no per-token logits). Limits, each a
+``ServeConfig`` field: ``max_tokens`` (a request asking for more, or for no limit, gets this many),
+``request_timeout`` (a generation ends there, as if by max_tokens) and ``max_input_chars`` (the text
+one request may send). Tokenizing runs in the worker threads, never on the event loop. Errors
+answer in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) and never carry
+server paths or tracebacks. A model whose logits are not finite (a damaged file) answers 500 with
+that reason, never an empty answer: LoopedLlama.eval checks every evaluated row.
 
 This module imports FastAPI and llama.cpp; ``ggufloop.cli.serve`` imports it only when it runs.
 """
@@ -65,6 +69,7 @@ from .runtime import LoopedLlama
 
 T = TypeVar("T")
 
+DEFAULT_MAX_INPUT_CHARS = 1_000_000
 API_KEY_ENV = "GGUFLOOP_API_KEY"
 UNLOOPED = "none"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -91,6 +96,8 @@ PLAN_FIELDS = frozenset(
     }
 )
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+@~-]+){2,}[\\/]?")
+# llama-cpp-python's refusal of a prompt that does not fit the context
+_TOO_LONG = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -104,6 +111,9 @@ class ServeConfig:
     the plain stem (None: the unlooped model). ``api_key``: requests must carry
     ``Authorization: Bearer <api_key>`` (None: no key asked). ``rpc`` and ``tensor_split``: the
     model split over llama.cpp RPC servers (``ggufloop.rpc``), ``n_gpu_layers`` layers off the CPU.
+    ``max_tokens``: the most tokens one request generates (None: n_ctx); ``request_timeout``: seconds
+    of generation one request may take (None: no limit); ``max_input_chars``: the most characters of
+    text one request may send (its strings together), and the most token ids of a detokenize request.
     """
 
     model_path: Path
@@ -117,6 +127,9 @@ class ServeConfig:
     seed: int = llama_cpp.LLAMA_DEFAULT_SEED
     api_key: str | None = None
     verbose: bool = False
+    max_tokens: int | None = None
+    request_timeout: float | None = None
+    max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
 
     @property
     def stem(self) -> str:
@@ -159,6 +172,7 @@ class ServeError(Exception):
         code: str | None = None,
         **extra: Any,
     ) -> None:
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code, self.extra = (
             status,
@@ -183,6 +197,11 @@ def scrub(text: str) -> str:
     return _PATH.sub("<path>", text)
 
 
+def _printable(text: str) -> str:
+    """text that has a UTF-8 form: a client's lone surrogate quoted in an error is escaped, not a crash."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # -- the engine: one model, its plans, one request at a time ---------------------------------------
 
 
@@ -200,6 +219,10 @@ class PlanServer:
         self._current = self.llm.plan if llm is not None else default
         self.n_vocab = self.llm.n_vocab()
         self.created = int(time.time())
+        self.max_tokens = config.max_tokens or config.n_ctx
+        self._deadline: float | None = None  # of the running request's generation (request_timeout)
+        self._timed_out = False
+        self._limit_generation()
 
     def close(self) -> None:
         self.llm.close()
@@ -238,30 +261,143 @@ class PlanServer:
             self.llm.set_loop(plan)
             self._current = plan
 
-    def run(self, model: str | None, call: Callable[[LoopedLlama], T]) -> T:
-        """call(llm) under the lock, with the plan of ``model``; blocks while another request runs."""
+    def run(self, model: str | None, call: Callable[[LoopedLlama], T], prompt_field: str = "prompt") -> T:
+        """call(llm) under the lock, with the plan of ``model``; blocks while another request runs.
+        A prompt that does not fit the context is a 400 naming ``prompt_field``."""
         _, plan = self.resolve(model)
         with self._lock:
             try:
                 self._use(plan)
-                return call(self.llm)
+                self._start_clock()
+                answer = call(self.llm)
+                if self._timed_out:
+                    _ended_by_limit(answer)
+                return answer
             except BackendError as err:
                 self.llm.reset()
                 raise _model_error(err) from None
+            except ValueError as err:
+                raise _too_long(err, prompt_field) from None
+            finally:
+                self._deadline = None
 
-    def stream(self, model: str | None, call: Callable[[LoopedLlama], Iterator[T]]) -> Iterator[T]:
+    def stream(
+        self, model: str | None, call: Callable[[LoopedLlama], Iterator[T]], prompt_field: str = "prompt"
+    ) -> Iterator[T]:
         """The chunks of call(llm), generated under the lock (held until the iterator is exhausted
         or closed: close it when the client goes away)."""
         _, plan = self.resolve(model)
         with self._lock:
             try:
                 self._use(plan)
-                yield from call(self.llm)
+                self._start_clock()
+                for chunk in call(self.llm):
+                    if self._timed_out:
+                        _ended_by_limit(chunk)
+                    yield chunk
             except BackendError as err:
                 self.llm.reset()
                 raise _model_error(err) from None
+            except ValueError as err:
+                raise _too_long(err, prompt_field) from None
+            finally:
+                self._deadline = None
+
+    # -- the time limit of a request (request_timeout)
+
+    def _start_clock(self) -> None:
+        timeout = self.config.request_timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._timed_out = False
+
+    def _limit_generation(self) -> None:
+        """Make the llm's token generator end a request's generation at its deadline, as the model's
+        end-of-generation token would (llama-cpp-python then finishes the answer with the text so far;
+        ``run`` and ``stream`` report finish_reason "length"). Checked before each token after the first."""
+        generate = self.llm.generate
+        vocab = self.llm._model.vocab
+        ends = [t for t in (self.llm.token_eos(), llama_cpp.llama_vocab_eot(vocab)) if t >= 0]
+        end = next((t for t in ends if llama_cpp.llama_vocab_is_eog(vocab, t)), None)
+
+        def limited(*args: Any, **kwargs: Any) -> Iterator[int]:
+            tokens = generate(*args, **kwargs)
+            try:
+                sent = None
+                while True:
+                    try:
+                        token = tokens.send(sent) if sent is not None else next(tokens)
+                    except StopIteration:
+                        return
+                    sent = yield token
+                    if self._deadline is not None and time.monotonic() >= self._deadline:
+                        self._timed_out = True
+                        if end is None:
+                            raise ServeError(
+                                503,
+                                "the request reached the server's time limit, and this model has no "
+                                "end-of-generation token to end its answer with",
+                                kind="server_error",
+                                code="timeout",
+                            )
+                        yield end
+                        return
+            finally:
+                tokens.close()
+
+        self.llm.generate = limited  # type: ignore[method-assign]
 
     # -- checks before anything reaches llama.cpp
+
+    def check_text(self, body: Any) -> None:
+        """Refuse a request whose text has no UTF-8 form (a lone surrogate such as "\\ud800", which
+        JSON's escapes allow and llama.cpp's tokenizer cannot take), or that sends more characters, its
+        strings together, than ``max_input_chars``; the 400 names the field."""
+        cap = self.config.max_input_chars
+        total = 0
+        todo: list[tuple[str, Any]] = [(name, getattr(body, name)) for name in reversed(type(body).model_fields)]
+        while todo:
+            where, value = todo.pop()
+            if isinstance(value, str):
+                total += len(value)
+                if total > cap:
+                    raise ServeError(
+                        400,
+                        f"{where}: the request's text is more than {cap} characters, this server's "
+                        "limit (--max-input-chars)",
+                        param=where,
+                    )
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ServeError(
+                        400,
+                        f"{where} is not valid text: character {err.start} is a lone surrogate "
+                        f"(U+{ord(value[err.start]):04X}), which has no UTF-8 form",
+                        param=where,
+                    ) from None
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    todo.append((f"{where} (a key)", key))
+                    todo.append((f"{where}.{key}", item))
+            elif isinstance(value, (list, tuple)):
+                if len(value) > cap:
+                    raise ServeError(
+                        400,
+                        f"{where}: {len(value)} items, more than this server's limit of {cap} (--max-input-chars)",
+                        param=where,
+                    )
+                todo.extend(
+                    (f"{where}[{i}]", item)
+                    for i, item in enumerate(value)
+                    if not isinstance(item, (int, float)) and item is not None
+                )
+            elif hasattr(value, "model_dump"):
+                todo.append((where, value.model_dump()))
+
+    def tokenize(self, body: Any) -> list[int]:
+        """The token ids of a tokenize request's checked input (run it in a worker thread)."""
+        self.check_text(body)
+        return self.llm.tokenize(body.input.encode("utf-8"), special=True)
 
     def check_tokens(self, tokens: list[int], param: str = "tokens") -> None:
         """Refuse token ids outside the vocabulary (llama.cpp would abort the process on them)."""
@@ -288,12 +424,22 @@ class PlanServer:
         llama_cpp.llama_sampler_free(sampler)
 
     def sampling_kwargs(self, body: CreateCompletionRequest | CreateChatCompletionRequest) -> dict[str, Any]:
-        """The Llama keyword arguments of a completion or chat request, checked."""
+        """The Llama keyword arguments of a completion or chat request, checked; max_tokens at most
+        the server's cap (a request asking for more, or for no limit, gets the cap)."""
+        self.check_text(body)
         if (body.n or 1) != 1:
             raise ServeError(400, "n > 1 is not supported: send one request per choice", param="n")
+        if body.logprobs is not None and body.logprobs is not False:  # completions: a count, 0 included
+            raise _unsupported("logprobs")
+        if getattr(body, "top_logprobs", None):
+            raise _unsupported("top_logprobs")
         kwargs = body.model_dump(exclude={"model", "n", "best_of", "logit_bias_type", "user", "min_tokens", "grammar"})
         for key in body.model_extra or {}:
             kwargs.pop(key, None)
+        if kwargs.get("logprobs") is False:
+            kwargs["logprobs"] = None
+        if kwargs.get("max_tokens") is None or not 0 < kwargs["max_tokens"] <= self.max_tokens:
+            kwargs["max_tokens"] = self.max_tokens
         if body.logit_bias:
             kwargs["logit_bias"] = self._logit_bias(body.logit_bias, body.logit_bias_type)
         if body.grammar is not None:
@@ -350,6 +496,37 @@ def _open(config: ServeConfig, plan: LoopPlan) -> LoopedLlama:
 
 def _model_error(err: BackendError) -> ServeError:
     return ServeError(500, f"the model failed: {scrub(str(err))}", kind="server_error", code="model_error")
+
+
+def _unsupported(name: str) -> ServeError:
+    message = f"{name} is not supported by this server yet (the model keeps no per-token logits): leave it out"
+    return ServeError(400, message, param=name)
+
+
+def _too_long(err: ValueError, field: str) -> Exception:
+    """llama-cpp-python's refusal of a prompt longer than the context as a 400 naming both counts;
+    any other ValueError as it was."""
+    match = _TOO_LONG.search(str(err))
+    if match is None:
+        return err
+    n_prompt, n_ctx = match.groups()
+    return ServeError(
+        400,
+        f"{field}: the prompt is {n_prompt} tokens, and the context holds {n_ctx} (the prompt must leave room "
+        "for at least one generated token): shorten it",
+        param=field,
+        code="context_length_exceeded",
+        prompt_tokens=int(n_prompt),
+        n_ctx=int(n_ctx),
+    )
+
+
+def _ended_by_limit(answer: Any) -> None:
+    """Mark the choices of an answer (or a chunk) that the time limit ended: finish_reason "length"."""
+    if isinstance(answer, dict):
+        for choice in answer.get("choices") or ():
+            if choice.get("finish_reason") is not None:
+                choice["finish_reason"] = "length"
 
 
 # -- the HTTP layer -----------------------------------------------------------------------------
@@ -427,7 +604,7 @@ def create_app(server: PlanServer) -> FastAPI:
             body.prompt = body.prompt[0] if body.prompt else ""
         kwargs = await run_in_threadpool(server.sampling_kwargs, body)
         kwargs["model"] = model_id  # the answer names the id, not the file
-        return await _answer(server, model_id, body.stream, lambda llm: llm.create_completion(**kwargs))
+        return await _answer(server, model_id, body.stream, lambda llm: llm.create_completion(**kwargs), "prompt")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest) -> Any:
@@ -435,26 +612,34 @@ def create_app(server: PlanServer) -> FastAPI:
         model_id, _ = server.resolve(body.model)
         kwargs = await run_in_threadpool(server.sampling_kwargs, body)
         kwargs["model"] = model_id
-        return await _answer(server, model_id, body.stream, lambda llm: llm.create_chat_completion(**kwargs))
+        call = lambda llm: llm.create_chat_completion(**kwargs)  # noqa: E731
+        return await _answer(server, model_id, body.stream, call, "messages")
+
+    # the extras run in the worker threads, answer encoded there too: a long input stalls no other request
 
     @app.post("/extras/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
         server.refuse_plan_fields(body.model_extra)
         server.resolve(body.model)
-        return {"tokens": server.llm.tokenize(body.input.encode("utf-8"), special=True)}
+        return await run_in_threadpool(lambda: JSONResponse({"tokens": server.tokenize(body)}))
 
     @app.post("/extras/tokenize/count")
-    async def count(body: TokenizeRequest) -> dict[str, Any]:
+    async def count(body: TokenizeRequest) -> JSONResponse:
         server.refuse_plan_fields(body.model_extra)
         server.resolve(body.model)
-        return {"count": len(server.llm.tokenize(body.input.encode("utf-8"), special=True))}
+        return await run_in_threadpool(lambda: JSONResponse({"count": len(server.tokenize(body))}))
 
     @app.post("/extras/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
         server.refuse_plan_fields(body.model_extra)
         server.resolve(body.model)
-        server.check_tokens(body.tokens)
-        return {"text": server.llm.detokenize(body.tokens).decode("utf-8", errors="replace")}
+
+        def text() -> JSONResponse:
+            server.check_text(body)
+            server.check_tokens(body.tokens)
+            return JSONResponse({"text": server.llm.detokenize(body.tokens).decode("utf-8", errors="replace")})
+
+        return await run_in_threadpool(text)
 
     return app
 
@@ -469,14 +654,26 @@ def _model_card(server: PlanServer, model_id: str) -> dict[str, Any]:
     }
 
 
-async def _answer(server: PlanServer, model: str | None, stream: bool, call: Callable[[LoopedLlama], Any]) -> Any:
-    """The JSON answer of call, or its chunks as server-sent events ending with [DONE]."""
+async def _answer(
+    server: PlanServer, model: str | None, stream: bool, call: Callable[[LoopedLlama], Any], prompt_field: str
+) -> Any:
+    """The JSON answer of call, or its chunks as server-sent events ending with [DONE]. A stream's
+    first chunk is generated before the answer begins, so an error before it (a prompt longer than
+    the context, a failing model) has its own status, not a 200 whose last event is the error."""
     if not stream:
-        return JSONResponse(await run_in_threadpool(server.run, model, call))
+        return JSONResponse(await run_in_threadpool(server.run, model, call, prompt_field))
+    chunks = server.stream(model, call, prompt_field)
+    try:
+        first = await run_in_threadpool(next, chunks, None)
+    except BaseException:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await run_in_threadpool(chunks.close)
+        raise
 
     async def events() -> Any:
-        chunks = server.stream(model, call)
         try:
+            if first is not None:
+                yield {"data": json.dumps(first)}
             async for chunk in iterate_in_threadpool(chunks):
                 yield {"data": json.dumps(chunk)}
         except ServeError as err:  # the answer has begun: the error goes as the last event
