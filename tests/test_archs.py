@@ -50,7 +50,8 @@ PROMPT = [1, 17, 5, 42, 8, 33, 60, 12, 9, 71, 23, 4, 55, 38, 14, 90, 27, 3, 66, 
 # relative difference and why (none so far: every allowed architecture is exact in F32)
 TOLERANCE: dict[str, tuple[float, str]] = {}
 
-# incremental decoding against the whole prompt: a different batch shape sums in another order
+# incremental decoding against the whole prompt: a different batch shape sums in another order; the
+# bound is this or twice what the duplicated file shows on the CPU at hand, whichever is larger
 INCREMENTAL_TOL = 1e-4
 
 EXPLORE = bool(os.environ.get("GGUFLOOP_EXPLORE_ALL_ARCHS"))  # a build that allows every architecture
@@ -107,13 +108,26 @@ def test_architecture(name, tmp_path):
     assert rel_err(_logits(path, f"{s}:{e}x3/ema:0"), base) < 1e-5
     assert rel_err(_logits(path, f"{s}:{e}x3/ema:1"), _logits(path, f"{s}:{e}x3")) < 1e-6
 
-    # incremental decoding equals the whole prompt, naive and mixed
+    # incremental decoding: the naive plan equals the duplicated file decoded the same way (one KV slot
+    # per pass is exact); the mixed plan stays as near its whole prompt as the duplicated file does
+    # to its own on this CPU (batch shapes sum in another order, more so on deeper models)
+    plan = f"{s}:{e}x3"
+    dup = write_duplicated(path, tmp_path / "dup-incremental.gguf", LoopPlan.parse(plan).schedule(n_layer))
+    noise = 0.0
+    for step in (1, 5):
+        looped, want = _logits(path, plan, step=step), _logits(dup, step=step)
+        if tol == 0.0:
+            assert np.array_equal(looped, want), f"{plan}, {step} per decode: {rel_err(looped, want):.3g}"
+        else:
+            assert rel_err(looped, want) <= tol, plan
+        noise = max(noise, rel_err(want, _logits(dup)))
     for plan in (f"{s}:{e}x3", f"{s}:{e}x3/uniform"):
         llm = open_model(path, plan, n_ctx=256)
         try:
             full = eval_logits(llm, PROMPT)
-            assert rel_err(eval_logits(llm, PROMPT, step=1), full) < INCREMENTAL_TOL, plan
-            assert rel_err(eval_logits(llm, PROMPT, step=5), full) < INCREMENTAL_TOL, plan
+            for step in (1, 5):
+                err = rel_err(eval_logits(llm, PROMPT, step=step), full)
+                assert err < max(INCREMENTAL_TOL, 2 * noise), f"{plan}, {step} per decode: {err:.3g} ({noise:.3g})"
         finally:
             llm.close()
 
