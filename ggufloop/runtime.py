@@ -293,10 +293,11 @@ class LoopedLlama(llama_cpp.Llama):
         n_seq: int = 1,
         kv_type: int | None = None,
         cb_eval: Any = None,
+        streams: bool = False,
     ) -> SideContext:
         """A context of its own on this model's weights, running its current plan and mix (see
         SideContext). Close it before ``set_loop`` changes the layer schedule."""
-        return SideContext(self, n_ctx, n_batch, n_ubatch, n_seq, kv_type, cb_eval)
+        return SideContext(self, n_ctx, n_batch, n_ubatch, n_seq, kv_type, cb_eval, streams)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -320,6 +321,11 @@ class SideContext:
 
     It takes Llama's own context settings (threads, flash attention off, ...) with the sizes
     given here, and the model's current mix. Use it as a context manager or call ``close``.
+
+    Several sequences share one set of cache cells (sequence copies share them without a copy), or,
+    with ``streams``, each has cells of its own, ``n_ctx / n_seq`` of them (llama.cpp's non-unified
+    cache: a sequence copy copies the cells' data, and a batch of several sequences attends per
+    sequence, so that a sequence's attention does not see its companions' cells).
     """
 
     def __init__(
@@ -331,12 +337,13 @@ class SideContext:
         n_seq: int = 1,
         kv_type: int | None = None,
         cb_eval: Any = None,
+        streams: bool = False,
     ) -> None:
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_ubatch or n_batch
         params.n_seq_max = n_seq
         if n_seq > 1:
-            params.kv_unified = True  # sequences share cache cells (sequence copies)
+            params.kv_unified = not streams  # sequences share cache cells, or have streams of their own
         if kv_type is not None:
             params.type_k = params.type_v = kv_type
         if cb_eval is not None:

@@ -21,6 +21,7 @@ from ggufloop.eval.evaluate import evaluate_gsm8k, generation_table
 from ggufloop.eval.gsm8k import FORMATS, Generator, Prompts, extract, flexible_extract, is_correct, normalize
 from ggufloop.eval.store import SCHEMA, TABLES, GenerationRow, Store, Unit
 
+from conftest import open_model
 from tiny import ARCHS, write_model
 
 CHAT, PLAIN = FORMATS["chat"], FORMATS["plain"]
@@ -298,12 +299,29 @@ def _generator(path, plan, prefix) -> Generator:
     return g
 
 
+def _naive(path, plan, tokens, n) -> tuple[int, ...]:
+    """The reference: a fresh context of one sequence, the whole prompt in one batch, then an argmax
+    loop of one token per decode (no prefix copy, no companions, no placeholders)."""
+    llm = open_model(path, plan, n_ctx=512)
+    try:
+        with llm.side_context(512, 512) as ctx:
+            rows = ctx.decode([(t, i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+            out, logits = [], ctx.logits(rows[-1])
+            while len(out) < n:
+                out.append(int(np.argmax(logits)))
+                ctx.decode([(out[-1], len(tokens) + len(out) - 1, 0, True)], generated=True)
+                logits = ctx.logits(0)
+            return tuple(out)
+    finally:
+        llm.close()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_an_items_tokens_do_not_depend_on_the_others(tiny_models, arch):
-    """One item's greedy tokens, looped and unlooped and with @bypass: the same alone, after the other
-    items, in another order, and equal to a naive reference (a fresh context, the whole prompt decoded,
-    then an argmax loop): with the prompt split as the generator splits it, and (on these F32 models; a
-    quantized model's logits differ between batch shapes) in one batch."""
+    """One item's greedy tokens, looped and unlooped and with @bypass: the same alone (generate), in a
+    batch with the others in two orders, on a fresh generator, and (on these F32 models, whose kernels
+    do not depend on the batch's shape; a quantized model's do, see test_real_models) equal to a naive
+    reference that shares nothing with the generator."""
     prefix, items = _prompts()
     path = tiny_models[arch][2]
     n = 24
@@ -313,22 +331,50 @@ def test_an_items_tokens_do_not_depend_on_the_others(tiny_models, arch):
         for plan in PLANS:
             g.set_plan(plan)
             g.set_prefix(prefix)
-            forward = [g.generate(t, n).tokens for t in items]
-            backward = [g.generate(t, n).tokens for t in reversed(items)][::-1]
-            assert forward == backward
-            for t, tokens in zip(items, forward):
-                alone = _generator(path, plan, prefix)
-                try:
-                    assert alone.generate(t, n).tokens == tokens
-                finally:
-                    alone.close()
-                split = len(prefix) if t[: len(prefix)] == prefix else 0
-                assert g.generate_naive(t, n, split=split).tokens == tokens
-                assert g.generate_naive(t, n).tokens == tokens
-            seen[plan] = forward
+            alone = [g.generate(t, n).tokens for t in items]
+            for order in (range(len(items)), reversed(range(len(items)))):
+                got = dict(g.generate_batch([(i, items[i]) for i in order], n))
+                assert [got[i].tokens for i in range(len(items))] == alone, plan
+            fresh = _generator(path, plan, prefix)
+            try:
+                assert [fresh.generate(t, n).tokens for t in reversed(items)][::-1] == alone
+            finally:
+                fresh.close()
+            for t, tokens in zip(items, alone):
+                assert len(tokens) == n  # these random models never stop early
+                assert _naive(path, plan, t, n) == tokens, plan
+            seen[plan] = alone
     finally:
         g.close()
     assert seen["none"] != seen["2:4x3/uniform"]  # the plan is what ran
+
+
+def test_batched_generation_with_companions_that_come_and_go(tiny_models):
+    """More prompts than rows, of several lengths and stopping at different steps (a stop string), in
+    two orders: each prompt's Generation is the one it gets alone."""
+    rng = np.random.default_rng(11)
+    prefix = [1, *rng.integers(3, 288, 40).tolist()]
+    items = [prefix + rng.integers(3, 288, int(k)).tolist() for k in rng.integers(1, 30, Generator.ROWS + 5)]
+    path = tiny_models["llama"][2]
+    g = _generator(path, "2:4x3/uniform", prefix)
+    try:
+        alone = [g.generate(t, 20, ("z", "q")) for t in items]
+        assert len({len(a.tokens) for a in alone}) > 1, "the prompts end at different steps"
+        for order in (list(range(len(items))), [int(i) for i in rng.permutation(len(items))]):
+            got = dict(g.generate_batch([(i, items[i]) for i in order], 20, ("z", "q")))
+            assert [got[i] for i in range(len(items))] == alone
+    finally:
+        g.close()
+
+
+def test_batched_generation_refuses_what_does_not_fit(tiny_models):
+    g = _generator(tiny_models["llama"][2], "none", [1, 2, 3])
+    try:
+        with pytest.raises(OptionError, match="item 7 needs 600 prompt tokens"):
+            list(g.generate_batch([("item 7", [1] * 600)], 16))
+        assert list(g.generate_batch([], 16)) == []
+    finally:
+        g.close()
 
 
 def test_stop_sequences_and_the_token_limit(tiny_models):
@@ -380,17 +426,18 @@ def test_a_version_2_database_gains_the_generations_table(tmp_path):
 def test_gsm8k_resumes_and_generates_nothing_twice(tiny_models, tmp_path, monkeypatch):
     path = tiny_models["llama"][2]
     calls, loads = [], []
-    generate, init = Generator.generate, Generator.__init__
+    generate, init = Generator.generate_batch, Generator.__init__
 
-    def counted(self, tokens, max_new_tokens, stops=(), name="the prompt"):
-        calls.append((str(self.plan), name))
-        return generate(self, tokens, max_new_tokens, stops, name)
+    def counted(self, prompts, max_new_tokens, stops=()):
+        for name, g in generate(self, prompts, max_new_tokens, stops):
+            calls.append((str(self.plan), name))
+            yield name, g
 
     def counted_init(self, *args, **kwargs):
         loads.append(args)
         init(self, *args, **kwargs)
 
-    monkeypatch.setattr(Generator, "generate", counted)
+    monkeypatch.setattr(Generator, "generate_batch", counted)
     monkeypatch.setattr(Generator, "__init__", counted_init)
     plan = "2:4x3/uniform@bypass"
     kw = {"shots": 0, "threads": 1, "max_new_tokens": 6}
@@ -410,9 +457,9 @@ def test_gsm8k_resumes_and_generates_nothing_twice(tiny_models, tmp_path, monkey
             return con.execute("SELECT * FROM generations ORDER BY plan, item").fetchall()
 
     assert dump(db) == dump(tmp_path / "fresh.sqlite") and len(dump(db)) == 6
-    assert resumed["prompt"] == "plain-v1" and resumed["plan"]["plan"] == plan and resumed["strict"]["n"] == 3
+    assert resumed["prompt"] == "plain-v2" and resumed["plan"]["plan"] == plan and resumed["strict"]["n"] == 3
     store = Store(db)
-    rows = store.generations(Unit(store.model_sha(path), "gsm8k", 0, "plain-v1", plan), 6)
+    rows = store.generations(Unit(store.model_sha(path), "gsm8k", 0, "plain-v2", plan), 6)
     for row, problem in zip(rows.values(), gsm8k.problems(3)):  # every score is recomputable from the row
         assert row.gold == problem.gold and row.n_tokens <= 6
         assert row.strict == gsm8k.strict_match(PLAIN, row.text) and row.flexible == flexible_extract(row.text)
@@ -467,7 +514,7 @@ def test_eval_runs_gsm8k_beside_a_multiple_choice_task(tiny_models, tmp_path):
     (g,) = record["generative"]
     assert (g["plan"]["plan"], g["prompt"], g["max_new_tokens"], g["strict"]["n"]) == (
         "2:4x2/uniform@bypass",
-        "plain-v1",
+        "plain-v2",
         4,
         2,
     )
@@ -538,13 +585,37 @@ def test_qwen_answers_gsm8k_under_a_plan(tmp_path):
     path = models.fetch("qwen2.5-coder-0.5b-instruct", quiet=True)
     db = tmp_path / "r.sqlite"
     r = evaluate_gsm8k(path, "8:12x3/uniform", limit=3, db=db, threads=1, max_new_tokens=64)
-    assert (r["format"], r["prompt"], r["shots"], r["strict"]["n"]) == ("chat", "chat-v1", 8, 3)
+    assert (r["format"], r["prompt"], r["shots"], r["strict"]["n"]) == ("chat", "chat-v2", 8, 3)
     store = Store(db)
     sha = store.model_sha(path)
     for plan in ("none", "8:12x3/uniform"):
-        rows = store.generations(Unit(sha, "gsm8k", 8, "chat-v1", plan), 64).values()
+        rows = store.generations(Unit(sha, "gsm8k", 8, "chat-v2", plan), 64).values()
         assert len(rows) == 3
         assert all(row.text.strip() and 0 < row.n_tokens <= 64 for row in rows)
         assert not any(stop in row.text for row in rows for stop in CHAT.stops)
         assert any(row.strict != "[invalid]" for row in rows)  # it answers in the exemplars' words
     store.close()
+
+
+@pytest.mark.models
+@pytest.mark.data
+def test_batched_answers_on_a_quantized_model_do_not_depend_on_their_companions():
+    """Qwen2.5-Coder-0.5B (Q5_0/Q4_K/Q6_K/Q8_0: kernels that change with a batch's shape), real GSM8K
+    prompts, more of them than rows: each answer is the same alone, in a batch and in reverse order,
+    unlooped, looped with a mix and with decode bypass."""
+    from ggufloop import models
+
+    path = models.fetch("qwen2.5-coder-0.5b-instruct", quiet=True)
+    g = Generator(path, threads=2)
+    try:
+        prompts = Prompts(g.llm, CHAT)
+        g.set_prefix(prompts.prefix)
+        items = [(p.id, prompts.tokens(p.question)) for p in gsm8k.problems(Generator.ROWS + 2)]
+        for plan in ("none", "8:12x3/uniform", "8:12x3/uniform@bypass"):
+            g.set_plan(plan)
+            forward = dict(g.generate_batch(items, 24, CHAT.stops))
+            assert dict(g.generate_batch(items[::-1], 24, CHAT.stops)) == forward, plan
+            for key, tokens in items[:2]:
+                assert g.generate(tokens, 24, CHAT.stops) == forward[key], plan
+    finally:
+        g.close()

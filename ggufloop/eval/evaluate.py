@@ -186,8 +186,10 @@ def run_generative_unit(
             generator.check_fits(tokens[p.id], max_new_tokens, f"{unit.task} item {p.id}")
         generator.set_prefix(prompts.prefix)
     fmt = prompts.fmt
-    for p in todo:
-        g = generator.generate(tokens[p.id], max_new_tokens, fmt.stops, f"{unit.task} item {p.id}")
+    by_id = {p.id: p for p in todo}
+    batch = [(f"{unit.task} item {p.id}", tokens[p.id]) for p in todo]
+    for name, g in generator.generate_batch(batch, max_new_tokens, fmt.stops):
+        p = by_id[name.rsplit(" ", 1)[1]]
         strict, flexible = strict_match(fmt, g.text), flexible_extract(g.text)
         row = GenerationRow(
             p.id,

@@ -56,10 +56,11 @@ import gzip
 import json
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import llama_cpp
 import numpy as np
@@ -78,7 +79,7 @@ N_EXEMPLARS = 8
 DEFAULT_MAX_NEW_TOKENS = 256
 # the version of the prompts, the decoding and the scoring below: part of every stored generation's key
 # (with the format's name), so a change to any of them (bump it) never reuses rows generated the old way
-GSM8K_VERSION = "v1"
+GSM8K_VERSION = "v2"  # v2: batched generation, Generator.ROWS tokens per step (v1: one sequence)
 N_CTX = 4096  # the generation context (or the model's trained context when that is smaller)
 INVALID = "[invalid]"  # lm-eval's fallback when a filter finds no answer
 # lm-eval's exact_match normalisation (regexes_to_ignore of gsm8k and gsm8k_cot), applied in this order
@@ -386,19 +387,40 @@ class Generation:
     hit_limit: bool
 
 
-class Generator:
-    """Greedy generation under a loop plan, exact per prompt: one model load serves several plans.
+K = TypeVar("K")
 
-    The prefix every prompt shares (``set_prefix``) is decoded once on sequence 0 of a side context.
-    For each prompt it is shared with sequence 1 (llama.cpp's sequence copy), sequence 1 decodes the
-    prompt's own tokens in one batch, then one generated token per decode (marked as generated, so
-    decode bypass runs its block once), and finally sequence 1 is removed, which leaves the cache as
-    the prefix left it. No batch mixes sequences (llama.cpp computes such a ubatch inexactly on a unified
-    cache: docs/reproduction.md §0) and every prompt meets the same cache cells, so a prompt's tokens
-    do not depend on which prompts were generated before it or in which order. A prompt that does not
-    start with the prefix decodes every token itself, on sequence 1, still beside the same prefix cells.
-    (llama.cpp's result still depends on batch shapes: a prompt's tokens are those of this way of
-    decoding it, which ``generate_naive`` decodes from a fresh context.)"""
+
+@dataclass
+class _Running:
+    """A prompt being generated: its key, the position of its next token, its tokens so far and the
+    logits that choose the next one."""
+
+    key: object
+    pos: int
+    out: list[int]
+    logits: np.ndarray
+
+
+class Generator:
+    """Greedy generation under a loop plan, ``ROWS`` prompts at a time, exact per prompt: a prompt's
+    tokens do not depend on which prompts are generated beside it, before it or in which order. One model
+    load serves several plans.
+
+    A context of ``ROWS + 1`` sequences, each with cache cells of its own (``SideContext`` streams). The
+    prefix every prompt shares (``set_prefix``) is decoded once on sequence 0 and copied, cells and all,
+    to a free sequence for each prompt, which decodes the prompt's own tokens in a batch of its own. Then
+    every step decodes one batch of exactly ``ROWS`` tokens, one per sequence 1..ROWS: the next token
+    of each running prompt, and a placeholder on each idle sequence (asking for logits too, and removed
+    after the step). Each sequence attends to its own cells only; what companions share is the weight
+    products of the batch, and llama.cpp's CPU kernels compute a row of those the same way whatever the
+    other rows hold, but not whatever their number: a batch of 1-3 rows takes another kernel than one
+    of 4 (repacked Q4_K, Q8_0/Q5_0 through llamafile), and some graphs change kernels again at 8 rows
+    (measured: docs/generation.md). So the batch never changes shape, and a prompt's tokens are a
+    function of the prompt, the plan and ``ROWS`` only (a test checks them alone, with companions and in
+    another order, on the packaged models). A prompt that does not start with the prefix decodes every
+    token itself."""
+
+    ROWS = 8  # tokens per step; part of the decoding (GSM8K_VERSION): another number gives other tokens
 
     def __init__(
         self,
@@ -423,42 +445,21 @@ class Generator:
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.prefix: tuple[int, ...] = ()
         self.decodes = 0  # llama_decode calls so far (tests count them)
-        self.ctx: SideContext | None = None
-        self._prefix_ready = False
 
     def close(self) -> None:
-        self._close_context()
         self.llm.close()
-
-    def _close_context(self) -> None:
-        if self.ctx is not None:
-            self.ctx.close()
-            self.ctx = None
 
     @property
     def plan(self) -> LoopPlan:
         return self.llm.plan
 
     def set_plan(self, plan: LoopPlan | str | None) -> None:
-        """Run another plan on the same model load (the prefix is decoded again under it)."""
-        self._close_context()
+        """Run another plan on the same model load."""
         self.llm.set_loop(plan)
 
     def set_prefix(self, tokens: Sequence[int]) -> None:
-        """The tokens that prompts share (decoded once, when the first prompt needs them)."""
-        if tuple(tokens) != self.prefix:
-            self.prefix, self._prefix_ready = tuple(tokens), False
-
-    def _context(self) -> SideContext:
-        if self.ctx is None:
-            self.ctx = self.llm.side_context(self.n_ctx, self.n_batch, self.n_batch, 2)
-            self._prefix_ready = False
-        if not self._prefix_ready:
-            self.ctx.clear()
-            if self.prefix:
-                self._decode(self.ctx, [(t, i, 0, False) for i, t in enumerate(self.prefix)])
-            self._prefix_ready = True
-        return self.ctx
+        """The tokens that prompts share (decoded once per ``generate_batch``)."""
+        self.prefix = tuple(tokens)
 
     def check_fits(self, tokens: Sequence[int], max_new_tokens: int, name: str = "the prompt") -> None:
         """Raise OptionError unless the prompt and max_new_tokens fit the context."""
@@ -471,72 +472,107 @@ class Generator:
     def generate(
         self, tokens: Sequence[int], max_new_tokens: int, stops: Sequence[str] = (), name: str = "the prompt"
     ) -> Generation:
-        """Greedy continuation of a prompt (see the class): at most max_new_tokens tokens, ended early by an
-        end-of-generation token or by a stop sequence in the text."""
-        tokens = list(tokens)
-        self.check_fits(tokens, max_new_tokens, name)
-        ctx = self._context()
-        n = len(self.prefix)
-        shared = n if 0 < n < len(tokens) and tuple(tokens[:n]) == self.prefix else 0
-        if shared:
-            ctx.copy_sequence(0, 1)
-        try:
-            row = self._decode(
-                ctx, [(t, pos, 1, pos == len(tokens) - 1) for pos, t in enumerate(tokens) if pos >= shared]
-            )
-            return self._greedy(ctx, row, len(tokens), 1, max_new_tokens, stops)
-        finally:
-            ctx.remove_sequence(1)
+        """Greedy continuation of one prompt: at most max_new_tokens tokens, ended early by an
+        end-of-generation token or by a stop sequence in the text (the tokens generate_batch gives it)."""
+        return next(self.generate_batch([(name, tokens)], max_new_tokens, stops))[1]
 
-    def generate_naive(
-        self, tokens: Sequence[int], max_new_tokens: int, stops: Sequence[str] = (), split: int = 0
-    ) -> Generation:
-        """The reference: a fresh context of one sequence, the whole prompt decoded (in batches of n_batch;
-        ``split``: its first ``split`` tokens in batches of their own, as ``generate`` decodes a shared
-        prefix), then the same greedy loop, one token per decode."""
-        tokens = list(tokens)
-        self.check_fits(tokens, max_new_tokens)
-        with self.llm.side_context(self.n_ctx, self.n_batch, self.n_batch, 1) as ctx:
-            entries = [(t, pos, 0, pos == len(tokens) - 1) for pos, t in enumerate(tokens)]
-            if split:
-                self._decode(ctx, entries[:split])
-            row = self._decode(ctx, entries[split:])
-            return self._greedy(ctx, row, len(tokens), 0, max_new_tokens, stops)
+    def generate_batch(
+        self, prompts: Sequence[tuple[K, Sequence[int]]], max_new_tokens: int, stops: Sequence[str] = ()
+    ) -> Iterator[tuple[K, Generation]]:
+        """Greedy continuations of many prompts (see the class), yielded as each ends, with its key. Every
+        prompt is checked against the context before the first is generated."""
+        queue = [(key, list(tokens)) for key, tokens in prompts]
+        for key, tokens in queue:
+            self.check_fits(tokens, max_new_tokens, str(key))
+        if not queue:
+            return
+        rows, n = self.ROWS, len(self.prefix)
+        per_seq = max(n, *(len(t) + max_new_tokens for _, t in queue))
+        per_seq = -(-per_seq // 256) * 256  # llama.cpp pads a stream to 256 cells
+        with self.llm.side_context(per_seq * (rows + 1), self.n_batch, self.n_batch, rows + 1, streams=True) as ctx:
+            if n:
+                self._decode(ctx, [(t, i, 0, False) for i, t in enumerate(self.prefix)])
+            running: dict[int, _Running] = {}
+            order = iter(queue)
 
-    def _greedy(
-        self, ctx: SideContext, logits: np.ndarray, pos: int, seq: int, max_new_tokens: int, stops: Sequence[str]
-    ) -> Generation:
-        out: list[int] = []
-        while True:
-            token = int(np.argmax(logits))
-            out.append(token)
-            if llama_cpp.llama_vocab_is_eog(self.vocab, token):
-                return Generation(tuple(out), self._text(out[:-1]), False)
-            text = self._text(out)
-            cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-            if cuts:
-                return Generation(tuple(out), text[: min(cuts)], False)
-            if len(out) == max_new_tokens:
-                return Generation(tuple(out), text, True)
-            logits = self._decode(ctx, [(token, pos, seq, True)], generated=True)
-            pos += 1
+            def start(seq: int) -> None:
+                item = next(order, None)
+                if item is None:
+                    return
+                key, tokens = item
+                shared = n if 0 < n < len(tokens) and tuple(tokens[:n]) == self.prefix else 0
+                if shared:
+                    ctx.copy_sequence(0, seq)
+                row = self._decode(
+                    ctx, [(t, pos, seq, pos == len(tokens) - 1) for pos, t in enumerate(tokens) if pos >= shared]
+                )
+                running[seq] = _Running(key, len(tokens), [], row)
+
+            for seq in range(1, rows + 1):
+                start(seq)
+            while running:
+                for seq in range(1, rows + 1):
+                    while seq in running:  # the next token; an ended prompt's sequence takes the next prompt
+                        r = running[seq]
+                        done = self._next_token(r, max_new_tokens, stops)
+                        if done is None:
+                            break
+                        yield r.key, done
+                        del running[seq]
+                        ctx.remove_sequence(seq)
+                        start(seq)
+                if not running:
+                    break
+                step = [
+                    (running[seq].out[-1], running[seq].pos, seq, True) if seq in running else (0, 0, seq, True)
+                    for seq in range(1, rows + 1)
+                ]
+                try:
+                    got = ctx.decode(step, generated=True)
+                except _lib.BackendError as err:
+                    raise _lib.BackendError(f"{err} while generating") from None
+                self.decodes += 1
+                for seq, row in zip(range(1, rows + 1), got):
+                    if seq in running:
+                        running[seq].pos += 1
+                        running[seq].logits = self._finite(ctx.logits(row))
+                    else:
+                        ctx.remove_sequence(seq)  # the placeholder
+
+    def _next_token(self, r: _Running, max_new_tokens: int, stops: Sequence[str]) -> Generation | None:
+        """Append the greedy token to a running prompt; its Generation when that ends it."""
+        token = int(np.argmax(r.logits))
+        r.out.append(token)
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            return Generation(tuple(r.out), self._text(r.out[:-1]), False)
+        text = self._text(r.out)
+        cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if cuts:
+            return Generation(tuple(r.out), text[: min(cuts)], False)
+        if len(r.out) == max_new_tokens:
+            return Generation(tuple(r.out), text, True)
+        return None
 
     def _text(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens, special=False).decode("utf-8", "replace")
 
-    def _decode(self, ctx: SideContext, entries: list[Entry], generated: bool = False) -> np.ndarray | None:
-        """Decode entries in batches of n_batch; the logits of the last entry that wants them."""
+    def _decode(self, ctx: SideContext, entries: list[Entry]) -> np.ndarray | None:
+        """Decode prompt entries in batches of n_batch; the logits of the last entry that wants them."""
         row = None
         for at in range(0, len(entries), self.n_batch):
             chunk = entries[at : at + self.n_batch]
             try:
-                wanted = ctx.decode(chunk, generated=generated)
+                wanted = ctx.decode(chunk)
             except _lib.BackendError as err:
                 raise _lib.BackendError(f"{err} while generating") from None
             self.decodes += 1
             if wanted:
                 row = ctx.logits(wanted[-1])
-        if row is not None and not np.isfinite(row).all():
+        return None if row is None else self._finite(row)
+
+    @staticmethod
+    def _finite(row: np.ndarray) -> np.ndarray:
+        if not np.isfinite(row).all():
             raise _lib.BackendError(
                 "the model produced non-finite logits (NaN or infinity): its weights or hyper-parameters are "
                 "damaged, or the plan's computation overflows"
