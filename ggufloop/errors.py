@@ -41,3 +41,7 @@ class OptionError(UserError, ValueError):
 
 class RpcError(UserError, RuntimeError):
     """An RPC server (``--rpc``) that cannot be reached, spoken to or used as asked."""
+
+
+class TextError(UserError, ValueError):
+    """A text to score (``perplexity --text``) that cannot be used: empty, binary, not UTF-8, too short."""

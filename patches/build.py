@@ -42,9 +42,9 @@ COMMON_FLAGS = [
     "-DGGML_RPC=ON",
     "-DGGML_RPC_RDMA=OFF",
 ]
-# builds llama.cpp's rpc-server in the same CMake build and puts it into the wheel (see the file);
-# passed by content in the cache key, by path to CMake
-RPC_SERVER_HOOK = PATCHES / "rpc-server.cmake"
+# builds llama.cpp's rpc-server and llama-perplexity in the same CMake build and puts them into the
+# wheel (see the file); passed by content in the cache key, by path to CMake
+TOOLS_HOOK = PATCHES / "tools.cmake"
 # ggml's AMX kernels (picked by -march=native on Sapphire Rapids and later) die with SIGILL where the
 # OS or hypervisor does not enable AMX tiles, as on the machines this project is tested on
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -103,7 +103,7 @@ def series() -> list[Path]:
 def cache_key(patches: list[tuple[str, bytes]], backend: str, flags: list[str]) -> str:
     h = hashlib.sha256()
     parts = [SDIST_SHA256] + [f"{name}:{data.hex()}" for name, data in patches]
-    parts.append(f"{RPC_SERVER_HOOK.name}:{RPC_SERVER_HOOK.read_bytes().hex()}")
+    parts.append(f"{TOOLS_HOOK.name}:{TOOLS_HOOK.read_bytes().hex()}")
     for part in parts + [
         backend,
         " ".join(flags),
@@ -134,7 +134,7 @@ def build_wheel(sdist: Path, patches: list[tuple[str, bytes]], flags: list[str],
                 f"(after {', '.join(n for n, _ in patches[: patches.index((name, data))]) or 'no other patch'}):\n"
                 f"{proc.stdout.decode()}{proc.stderr.decode()}"
             )
-    flags = flags + [f"-DCMAKE_PROJECT_llama_cpp_INCLUDE={RPC_SERVER_HOOK.as_posix()}"]
+    flags = flags + [f"-DCMAKE_PROJECT_llama_cpp_INCLUDE={TOOLS_HOOK.as_posix()}"]
     env = dict(os.environ, CMAKE_ARGS=shlex.join(flags))
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     out.mkdir(parents=True, exist_ok=True)

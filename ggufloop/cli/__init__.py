@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace": ("trace", "What looping does to the hidden state, pass by pass, in figures."),
     "bench": ("bench", "Speed and memory of looping, side by side in one run."),
     "bench-scoring": ("bench_scoring", "Speed of benchmark scoring against one pass per choice."),
+    "perplexity": ("perplexity", "How far a plan moves the model: PPL and KL divergence, as llama-perplexity."),
 }
 
 
