@@ -308,3 +308,23 @@ def test_a_forged_generation_refuses_the_file(generated, tmp_path, column, value
     one_error(proc, message)
     with sqlite3.connect(tmp_path / "new.sqlite") as con:
         assert con.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 0
+
+
+def test_generations_of_an_earlier_decoding_version_import(generated, tmp_path):
+    """Rows of GSM8K v1 (one sequence per decode; the same prompts and scoring) are records that import
+    under their own key, which never stands in for v2's (the study's committed file holds such rows)."""
+    from ggufloop.eval.store import GENERATION_COLUMNS
+
+    with gzip.open(generated[1], "rt", newline="") as f:
+        rows = list(csv.reader(f))
+    at = [*GENERATION_COLUMNS, "model_name"].index("prompt")
+    assert {r[at] for r in rows[1:]} == {"plain-v2"}
+    for r in rows[1:]:
+        r[at] = "plain-v1"
+    old = tmp_path / "v1.csv"
+    with open(old, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    proc = ggufloop("report", "--db", str(tmp_path / "new.sqlite"), "--import-generations", str(old))
+    assert proc.returncode == 0 and "imported 4 new generations" in proc.stderr, proc.stderr
+    with sqlite3.connect(tmp_path / "new.sqlite") as con:
+        assert con.execute("SELECT DISTINCT prompt FROM generations").fetchall() == [("plain-v1",)]

@@ -80,6 +80,8 @@ DEFAULT_MAX_NEW_TOKENS = 256
 # the version of the prompts, the decoding and the scoring below: part of every stored generation's key
 # (with the format's name), so a change to any of them (bump it) never reuses rows generated the old way
 GSM8K_VERSION = "v2"  # v2: batched generation, Generator.ROWS tokens per step (v1: one sequence)
+# the versions whose stored rows import (report --import-generations): their prompts and scoring are v2's
+KNOWN_VERSIONS = ("v1", GSM8K_VERSION)
 N_CTX = 4096  # the generation context (or the model's trained context when that is smaller)
 INVALID = "[invalid]"  # lm-eval's fallback when a filter finds no answer
 # lm-eval's exact_match normalisation (regexes_to_ignore of gsm8k and gsm8k_cot), applied in this order
@@ -218,9 +220,9 @@ class PromptFormat:
     strict: str  # the strict-match filter's pattern
     lm_eval: str  # the lm-eval task it reproduces, in words
 
-    def key(self) -> str:
+    def key(self, version: str = GSM8K_VERSION) -> str:
         """The prompt format as stored with every generation."""
-        return f"{self.name}-{GSM8K_VERSION}"
+        return f"{self.name}-{version}"
 
     def lm_eval_answer(self, exemplar: Exemplar) -> str:
         """An exemplar's answer in this format's words."""

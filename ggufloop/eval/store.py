@@ -662,7 +662,7 @@ class GenerationChecker(RowChecker):
             raise RowError(f"shots {shots_n}, max_new_tokens {limit_n}, n_tokens {n} are out of range")
         if hit_n not in (0, 1) or cs_n not in (0, 1) or cf_n not in (0, 1) or bool(hit_n) != (n == limit_n):
             raise RowError("hit_limit and the scores are 0 or 1, and hit_limit says whether n_tokens reached the limit")
-        fmt = next((f for f in gsm8k.FORMATS.values() if f.key() == prompt), None)
+        fmt = next((f for f in gsm8k.FORMATS.values() for v in gsm8k.KNOWN_VERSIONS if f.key(v) == prompt), None)
         if fmt is None:
             raise RowError(f"prompt format {prompt[:80]!r} is not one of gsm8k's")
         self._check_plan(model, plan)
