@@ -270,6 +270,56 @@ def scoring_speed(model: Path, task: str, limit: int, threads: int) -> dict:
     }
 
 
+def generation_speed(
+    model: Path, plans: list[str], rows: list[int], items: int, max_new_tokens: int, repeats: int, threads: int
+) -> list[dict]:
+    """Batched GSM8K generation: aggregate generated tokens per second at each number of rows per step
+    (``Generator.ROWS``), under each plan, end to end (the shared prefix, every prompt's own tokens and the
+    steps), on the same ``items`` problems; rows x plans interleaved within each repeat, medians reported,
+    and the answers compared across row counts (they agree only where the kernels do not change: see
+    ``Generator``)."""
+    from .eval import gsm8k
+
+    gen = gsm8k.Generator(model, threads=threads)
+    try:
+        fmt = gsm8k.format_for(model)
+        prompts = gsm8k.Prompts(gen.llm, fmt)
+        gen.set_prefix(prompts.prefix)
+        batch = [(p.id, prompts.tokens(p.question)) for p in gsm8k.problems(items)]
+        times: dict[tuple[str, int], list[float]] = {}
+        answers: dict[tuple[str, int], dict] = {}
+        for _ in range(repeats):
+            for plan in plans:
+                gen.set_plan(plan)
+                for r in rows:
+                    gen.ROWS = r
+                    t0 = time.perf_counter()
+                    answers[plan, r] = dict(gen.generate_batch(batch, max_new_tokens, fmt.stops))
+                    times.setdefault((plan, r), []).append(time.perf_counter() - t0)
+    finally:
+        gen.close()
+    out = []
+    for plan in plans:
+        one = statistics.median(times[plan, rows[0]])
+        for r in rows:
+            got = answers[plan, r]
+            n_tokens = sum(len(g.tokens) for g in got.values())
+            t = statistics.median(times[plan, r])
+            out.append(
+                {
+                    "plan": plan,
+                    "rows": r,
+                    "items": len(got),
+                    "generated_tokens": n_tokens,
+                    "seconds": round(t, 2),
+                    "tokens_per_s": round(n_tokens / t, 1),
+                    f"speedup_vs_{rows[0]}_row": round(one / t, 2),
+                    f"answers_as_with_{rows[0]}_row": sum(got[k] == answers[plan, rows[0]][k] for k in got),
+                }
+            )
+    return out
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -619,3 +619,73 @@ def test_batched_answers_on_a_quantized_model_do_not_depend_on_their_companions(
                 assert g.generate(tokens, 24, CHAT.stops) == forward[key], plan
     finally:
         g.close()
+
+
+# -- sweep and tune on gsm8k ----------------------------------------------------------------------
+
+
+def _generations(db) -> list[tuple]:
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT plan, item, correct_flexible FROM generations ORDER BY plan, item").fetchall()
+
+
+@pytest.mark.data
+def test_sweep_runs_gsm8k_blocks_with_decode_bypass(tiny_models, tmp_path):
+    path, db, out = tiny_models["llama"][2], tmp_path / "r.sqlite", tmp_path / "sweep"
+    args = ["sweep", str(path), "--task", "gsm8k", "--starts", "1:3", "--sizes", "2:3", "--count", "2"]
+    args += ["--decode", "bypass", "--limit", "3", "--max-new-tokens", "4", "--shots", "0", "-t", "1"]
+    proc = ggufloop(*args, "--db", str(db), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = _generations(db)
+    assert sorted({r[0] for r in rows}) == ["1:3x2@bypass", "2:4x2@bypass", "none"] and len(rows) == 9
+    table = (out / "sweep-llama-gsm8k-x2-none-bypass-flexible.csv").read_text().splitlines()
+    by_plan = {p: [c for q, _, c in rows if q == p] for p in ("none", "1:3x2@bypass", "2:4x2@bypass")}
+    for line in table[1:]:  # every cell is what the stored answers give
+        start, end, *_, acc, base = line.split(",")[:7]
+        assert float(acc) == pytest.approx(sum(by_plan[f"{start}:{end}x2@bypass"]) / 3, abs=1e-4)
+        assert float(base) == pytest.approx(sum(by_plan["none"]) / 3, abs=1e-4)
+    again = ggufloop(*args, "--db", str(db), "-o", str(out))  # all stored: nothing generated again
+    assert again.returncode == 0 and _generations(db) == rows and again.stdout == proc.stdout
+
+
+@pytest.mark.data
+def test_tune_searches_gsm8k_after_a_multiple_choice_prefilter(tiny_models, tmp_path):
+    """The prefilter keeps 2 of 4 plans on arc_easy; only they, and the unlooped model, generate; the
+    verdict is on held-out GSM8K items only; a second run generates nothing and decides the same."""
+    path, db = tiny_models["llama"][2], tmp_path / "r.sqlite"
+    args = ["tune", str(path), "--tasks", "gsm8k", "--prefilter", "arc_easy", "--prefilter-keep", "2"]
+    args += ["--starts", "1:3", "--sizes", "2:3", "--counts", "2", "--mixes", "none,uniform", "--limit", "8"]
+    args += ["--n0", "2", "--max-new-tokens", "4", "--shots", "0", "-t", "1", "--db", str(db)]
+    proc = ggufloop(*args, "--json", str(tmp_path / "a.json"))
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((tmp_path / "a.json").read_text())
+    kept = run["prefilter"]["kept"]
+    assert run["prefilter"]["tasks"] == ["arc_easy"] and run["prefilter"]["candidates"] == 4 and len(kept) == 2
+    assert f"kept 2 of 4 plans: {', '.join(kept)}" in proc.stdout
+    assert set(run["search"]["scores"]) == set(kept)
+    split = run["split"]["items"]
+    assert list(split) == ["gsm8k"] and not set(split["gsm8k"]["search"]) & set(split["gsm8k"]["heldout"])
+    (verdict,) = run["verdict"]["comparisons"]
+    assert verdict["task"] == "gsm8k" and verdict["n"] == len(split["gsm8k"]["heldout"])
+    plans = {p for p, _, _ in _generations(db)}
+    assert plans <= {"none", *kept} and "none" in plans and plans & set(kept)
+    rows = _generations(db)
+    again = ggufloop(*args, "--json", str(tmp_path / "b.json"))
+    assert again.returncode == 0 and _generations(db) == rows
+    assert json.loads((tmp_path / "b.json").read_text())["verdict"] == run["verdict"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["tune", "--tasks", "gsm8k,arc_easy"],
+            "gsm8k is searched alone: give the multiple-choice tasks as --prefilter",
+        ),
+        (["tune", "--tasks", "arc_easy", "--max-new-tokens", "8"], "apply to --tasks gsm8k"),
+        (["sweep", "--task", "gsm8k", "--jobs", "2"], "--jobs and --cluster do not apply"),
+        (["sweep", "--task", "winogrande", "--gsm8k-format", "chat"], "apply to --task gsm8k"),
+    ],
+)
+def test_gsm8k_search_refusals_are_one_line(tiny_models, args, message):
+    one_error(ggufloop(args[0], str(tiny_models["llama"][2]), *args[1:]), message)

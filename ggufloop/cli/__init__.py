@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace": ("trace", "What looping does to the hidden state, pass by pass, in figures."),
     "bench": ("bench", "Speed and memory of looping, side by side in one run."),
     "bench-scoring": ("bench_scoring", "Speed of benchmark scoring against one pass per choice."),
+    "bench-generation": ("bench_generation", "Throughput of batched GSM8K generation, 1-16 prompts per step."),
     "perplexity": ("perplexity", "How far a plan moves the model: PPL and KL divergence, as llama-perplexity."),
 }
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import PlanError, TaskError
+from ..errors import OptionError, PlanError, TaskError
 from ..eval.store import Store, Unit
 from ..plan import LoopPlan, Mix
 from .options import store_options
@@ -37,6 +37,22 @@ if TYPE_CHECKING:
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N items.")
 @click.option("--jobs", "-j", type=click.IntRange(1), default=1, show_default=True, help="Worker processes.")
 @click.option("--threads", "-t", type=click.IntRange(1), default=None, help="Threads in all (split over jobs).")
+@click.option(
+    "--decode",
+    type=click.Choice(["full", "bypass"]),
+    default="full",
+    show_default=True,
+    help="What generated tokens run (gsm8k): every block's plan, or the block once (@bypass).",
+)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None, help="gsm8k: most tokens per answer (256).")
+@click.option("--gsm8k-format", type=click.Choice(["chat", "plain"]), default=None, help="gsm8k's prompt (see eval).")
+@click.option(
+    "--metric",
+    type=click.Choice(["flexible", "strict"]),
+    default="flexible",
+    show_default=True,
+    help="gsm8k: the filter an answer's correctness is read with (both are stored).",
+)
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="results", show_default=True)
 @store_options
 def command(
@@ -53,50 +69,79 @@ def command(
     db: str,
     cluster: str | None,
     output: str,
+    decode: str,
+    max_new_tokens: int | None,
+    gsm8k_format: str | None,
+    metric: str,
 ) -> None:
-    """Score every block range of MODEL at COUNT passes on one task; heatmap and CSV."""
+    """Score every block range of MODEL at COUNT passes on one task; heatmap and CSV.
+
+    gsm8k (generative) generates every block's answers in this process, 8 per step, and reads them
+    with --metric; every answer is stored, so sweep, eval and tune share them."""
     from .. import plots
-    from ..eval.cluster import ClusterConfig
-    from ..eval.sweep import block_ranges, cells
+    from ..eval import gsm8k
+    from ..eval.cluster import ClusterConfig, Request
+    from ..eval.evaluate import GenerativeExecutor
+    from ..eval.sweep import block_ranges, cells, stored_correct
     from ..eval.tasks import TASKS
     from ..eval.units import unit_for
     from ..gguf_io import model_info
     from ..models import resolve
 
-    if task not in TASKS:
+    if task != gsm8k.TASK and task not in TASKS:
         raise TaskError(f"unknown task {task!r}")
+    if task != gsm8k.TASK and (max_new_tokens is not None or gsm8k_format is not None):
+        raise OptionError("--max-new-tokens and --gsm8k-format apply to --task gsm8k")
+    if task == gsm8k.TASK and (jobs > 1 or cluster):
+        raise OptionError("gsm8k generates in this process, 8 answers per step: --jobs and --cluster do not apply")
     path = resolve(model)
     n_layer = model_info(path).n_layer
     mixed = Mix.parse(mix)
     ranges = block_ranges(n_layer, starts, sizes)
     if not ranges:
         raise PlanError(f"no block in the windows --starts {starts} --sizes {sizes} of a {n_layer}-layer model")
-    block_plans = {(s, e): str(LoopPlan(s, e, count, mix=mixed)) for s, e in ranges}
+    block_plans = {(s, e): str(LoopPlan(s, e, count, mix=mixed, decode=decode)) for s, e in ranges}
     plans = ["none", *block_plans.values()]
-    the_task = TASKS[task]
-    items = the_task.items(shots, limit)
-    shots_used = the_task.default_shots if shots is None else shots
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     store = Store(db)
     store.check_writable()
     sha = store.model_sha(path)
-    ids = [it.id for it in items]
-    wanted = set(ids)
-    prompt = unit_for(sha, the_task, shots, "none", None).prompt
-    # only what is not scored yet goes to workers: a finished sweep redraws its map without loading the model
-    units = [u for u in (unit_for(sha, the_task, shots, p, None) for p in plans) if not wanted <= store.done(u)]
-    if units and cluster:
-        todo = [u.plan for u in units]
-        _on_cluster(ClusterConfig(cluster, threads or 1), path, store, sha, todo, task, shots, limit, len(items))
-    elif units:
-        spec = {"model": str(path), "task": task, "shots": shots, "limit": limit, "db": db}
-        _with_workers(spec, store, units, threads, jobs, wanted)
-
-    grid = cells(store, sha, task, shots_used, prompt, block_plans, ids)
+    if task == gsm8k.TASK:
+        executor = GenerativeExecutor(path, store, sha, threads, gsm8k_format, max_new_tokens, metric, shots)
+        ids = list(executor.problems)[:limit]
+        shots_used = executor.shots
+        try:
+            with click.progressbar(
+                length=len(plans) * len(ids), label=f"{len(plans)} plans x {len(ids)} answers", file=sys.stderr
+            ) as bar:
+                got = executor.run([Request(p, task, limit=limit) for p in plans], bar.update)
+        finally:
+            executor.close()
+        correct = {p: {i: r[0] for i, r in rows.items()} for p, rows in zip(plans, got)}
+    else:
+        the_task = TASKS[task]
+        items = the_task.items(shots, limit)
+        shots_used = the_task.default_shots if shots is None else shots
+        ids = [it.id for it in items]
+        wanted = set(ids)
+        # only what is not scored yet goes to workers: a finished sweep redraws its map without loading the model
+        units = {p: unit_for(sha, the_task, shots, p, None) for p in plans}
+        todo = [u for u in units.values() if not wanted <= store.done(u)]
+        if todo and cluster:
+            todo_plans = [u.plan for u in todo]
+            _on_cluster(
+                ClusterConfig(cluster, threads or 1), path, store, sha, todo_plans, task, shots, limit, len(ids)
+            )
+        elif todo:
+            spec = {"model": str(path), "task": task, "shots": shots, "limit": limit, "db": db}
+            _with_workers(spec, store, todo, threads, jobs, wanted)
+        correct = {p: stored_correct(store, u) for p, u in units.items()}
+    grid = cells(correct["none"], {b: correct[p] for b, p in block_plans.items()}, ids)
     store.close()
     base = grid[0].base_acc
-    stem = f"sweep-{path.stem}-{task}-x{count}-{mixed}".replace(":", "_")
+    variant = f"{mixed}" + ("" if decode == "full" else f"-{decode}") + (f"-{metric}" if task == gsm8k.TASK else "")
+    stem = f"sweep-{path.stem}-{task}-x{count}-{variant}".replace(":", "_")
     with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
@@ -123,7 +168,9 @@ def command(
         {(c.start, c.end): c.acc for c in grid},
         base,
         n_layer,
-        f"{path.stem}, {task} ({len(ids)} items, {shots_used}-shot), K={count}, mix {mixed}",
+        f"{path.stem}, {task} ({len(ids)} items, {shots_used}-shot), K={count}, mix {mixed}"
+        + ("" if decode == "full" else f", @{decode}")
+        + (f", {metric}" if task == gsm8k.TASK else ""),
         out / f"{stem}.png",
         significant={(c.start, c.end) for c in grid if c.p_holm < 0.05},
     )

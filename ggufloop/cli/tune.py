@@ -20,6 +20,15 @@ def report(res) -> str:
     lines = [
         f"{Path(res.model).name}: {len(res.candidates)} candidate plans on {', '.join(res.tasks)}; "
         f"split seed {res.split.seed}, {res.split.search_fraction:.0%} of each task's items for the search",
+        *(
+            [
+                f"prefilter on {', '.join(res.prefilter.tasks)}: {res.prefilter.result.evaluations} item evaluations, "
+                f"kept {len(res.prefilter.result.finalists)} of {len(res.candidates)} plans: "
+                + ", ".join(res.prefilter.result.finalists)
+            ]
+            if res.prefilter
+            else []
+        ),
         f"search ({r.method}): {len(r.rungs)} rungs, {r.evaluations} item evaluations "
         f"({r.evaluations / res.grid_evaluations:.1%} of the full grid's {res.grid_evaluations}); "
         f"stopped: {r.stop_reason}",
@@ -138,6 +147,34 @@ def report(res) -> str:
     metavar="OUT.gguf",
     help="Write the winning plan into a copy of the model (nothing when no plan wins).",
 )
+@click.option(
+    "--prefilter",
+    default=None,
+    metavar="TASKS",
+    help="A first stage on cheap tasks (multiple-choice, as --tasks): successive halving over every candidate "
+    "on their search items keeps the best --prefilter-keep, and only those are searched on --tasks.",
+)
+@click.option("--prefilter-keep", type=click.IntRange(1), default=8, show_default=True, metavar="N")
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(1),
+    default=None,
+    help="gsm8k: most tokens per answer (default 256, lm-eval's).",
+)
+@click.option(
+    "--gsm8k-format",
+    type=click.Choice(["chat", "plain"]),
+    default=None,
+    help="gsm8k's prompt (default: chat where the model has a chat template, else plain; see eval --help).",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["flexible", "strict"]),
+    default="flexible",
+    show_default=True,
+    help="gsm8k: the filter that decides an answer's correctness in the search and the verdict "
+    "(flexible-extract or strict-match; both are stored).",
+)
 @click.option("--threads", "-t", type=click.IntRange(1), default=None)
 @store_options
 def command(
@@ -162,6 +199,11 @@ def command(
     bake_out: str | None,
     threads: int | None,
     cluster: str | None,
+    prefilter: str | None,
+    prefilter_keep: int,
+    max_new_tokens: int | None,
+    gsm8k_format: str | None,
+    metric: str,
 ) -> None:
     """Search for a loop plan that helps MODEL on the tasks, and judge it on held-out items.
 
@@ -171,11 +213,17 @@ def command(
     paired against the unlooped model on the same items. The finalists are then scored on the
     held-out items only: the verdict, with Holm-adjusted p-values, may well be that no plan helps.
     Scored items are kept in the results database, so a stopped run resumes where it stopped.
+
+    gsm8k (generative, searched alone) costs hundreds of times more per item than a multiple-choice
+    task: give it a small --n0, a --time-limit, and a --prefilter of cheap tasks; its verdict is on
+    held-out GSM8K items only.
     """
-    from ..eval import search
+    from ..eval import gsm8k, search
     from ..eval.cluster import ClusterConfig
+    from ..eval.evaluate import GenerativeExecutor
+    from ..eval.store import Store
     from ..eval.tasks import resolve_tasks
-    from ..eval.tune import Candidates, prepare, tune
+    from ..eval.tune import Candidates, Prefilter, prepare, tune
     from ..gguf_io import write_plan
     from ..models import resolve
 
@@ -187,11 +235,25 @@ def command(
     if seconds and grid:
         raise OptionError("--time-limit applies to successive halving; the full grid (--grid) has one rung")
     path = resolve(model)
-    task_list = resolve_tasks(tasks)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    generative = gsm8k.TASK in names
+    if generative and len(names) > 1:
+        raise OptionError("gsm8k is searched alone: give the multiple-choice tasks as --prefilter")
+    if generative and cluster:
+        raise OptionError(
+            "--cluster scores multiple-choice tasks; gsm8k generates in this process (--prefilter may use it)"
+        )
+    if not generative and (max_new_tokens is not None or gsm8k_format is not None):
+        raise OptionError("--max-new-tokens and --gsm8k-format apply to --tasks gsm8k")
+    task_list = [gsm8k.GSM8K] if generative else resolve_tasks(tasks)
+    first = None
+    if prefilter:
+        first_tasks = resolve_tasks(prefilter)
+        first = Prefilter(tuple(first_tasks), prefilter_keep, search.HalvingConfig(n0=32, eta=eta))
     cands = Candidates(starts, sizes, parse_counts(counts), parse_mixes(mixes))
     split = search.SplitConfig(split_seed, search_fraction)
     halving = search.HalvingConfig(n0=n0, eta=eta, top_k=finalists, budget=budget)
-    setup = prepare(path, task_list, cands, limit=limit, split=split, halving=halving, grid=grid)
+    setup = prepare(path, task_list, cands, limit=limit, split=split, halving=halving, grid=grid, prefilter=first)
     click.echo(
         f"{len(setup.plans)} candidate plans; {setup.search_evaluations} item evaluations for the search "
         f"(the full grid: {setup.grid_evaluations}), {setup.evaluations} in all",
@@ -204,6 +266,12 @@ def command(
             f"note: the budget pays for {len(setup.schedule.rungs)} rung(s): the finalists are chosen among "
             f"{last.candidates} plans on {low if low == high else f'{low}-{high}'} search items per task",
             err=True,
+        )
+    executor = None
+    if generative:
+        store = Store(db)
+        executor = GenerativeExecutor(
+            path, store, store.model_sha(path), threads, gsm8k_format, max_new_tokens, metric, shots
         )
     with click.progressbar(length=setup.evaluations, label="tune", file=sys.stderr, show_eta=True) as bar:
         res = tune(
@@ -220,7 +288,10 @@ def command(
             progress=bar.update,
             cluster=ClusterConfig(cluster, threads or 1) if cluster else None,
             time_limit=seconds,
+            executor=executor,
         )
+    if generative:
+        store.close()
     click.echo(report(res))
     out = Path(json_out) if json_out else Path(db).parent / f"tune-{path.stem}-{'_'.join(res.tasks)}.json"
     out.write_text(json.dumps(res.to_json(), indent=1))

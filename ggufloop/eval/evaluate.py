@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import OptionError, TaskError
 from ..plan import LoopPlan
 from ..rpc import Placement
 from .scoring import Scorer, accuracy
@@ -207,6 +208,80 @@ def run_generative_unit(
             progress(1)
     rows = store.generations(unit, max_new_tokens)
     return {p.id: rows[p.id] for p in problems}
+
+
+class GenerativeExecutor:
+    """GSM8K answers for sweep and tune, as the Executor protocol asks for them: per request, item ->
+    (correct, correct) under ``metric`` (``flexible``: flexible-extract, ``strict``: strict-match), on
+    one model load whose plan is switched as needed, loaded only when something is left to generate.
+    Requests' shots and pools do not apply (the exemplars are the 8 fixed ones, outside the test split);
+    every answer is stored (text and both filters) and reused across eval, sweep and tune."""
+
+    METRICS = ("flexible", "strict")
+
+    def __init__(
+        self,
+        model: str | Path,
+        store: Store,
+        model_sha: str,
+        threads: int | None = None,
+        fmt: PromptFormat | str | None = None,
+        max_new_tokens: int | None = None,
+        metric: str = "flexible",
+        shots: int | None = None,
+        placement: Placement | None = None,
+    ) -> None:
+        from . import gsm8k
+
+        self.shots = gsm8k.check_shots(shots)
+        if metric not in self.METRICS:
+            raise OptionError(f"unknown gsm8k metric {metric!r}: expected flexible or strict")
+        self.model, self.store, self.model_sha = model, store, model_sha
+        self.threads, self.placement, self.metric = threads, placement, metric
+        self.fmt = fmt if isinstance(fmt, gsm8k.PromptFormat) else gsm8k.format_for(model, fmt)
+        self.max_new_tokens = gsm8k.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        self.problems = {p.id: p for p in gsm8k.problems()}
+        self.generator: Generator | None = None
+        self.prompts: Prompts | None = None
+
+    def unit(self, plan: str) -> Unit:
+        from . import gsm8k
+
+        return Unit(self.model_sha, gsm8k.TASK, self.shots, self.fmt.key(), str(LoopPlan.parse(plan)))
+
+    def run(self, requests, progress: Callable[[int], None] | None = None) -> list[dict[str, tuple[int, int]]]:
+        from . import gsm8k
+
+        out = []
+        for req in requests:
+            if req.task != gsm8k.TASK:
+                raise TaskError(f"the generative executor runs gsm8k, not {req.task!r}")
+            ids = list(req.ids) if req.ids is not None else list(self.problems)[: req.limit]
+            problems = [self.problems[i] for i in ids]
+            unit = self.unit(req.plan)
+            if {p.id for p in problems} <= self.store.generated(unit, self.max_new_tokens):
+                rows = self.store.generations(unit, self.max_new_tokens)
+                if progress:
+                    progress(len(problems))
+            else:
+                if self.generator is None:
+                    self.generator = gsm8k.Generator(
+                        self.model, unit.plan, threads=self.threads, placement=self.placement
+                    )
+                    self.prompts = gsm8k.Prompts(self.generator.llm, self.fmt, unit.shots)
+                elif str(self.generator.plan) != unit.plan:
+                    self.generator.set_plan(unit.plan)
+                rows = run_generative_unit(
+                    self.generator, self.prompts, self.store, unit, problems, self.max_new_tokens, progress
+                )
+            pick = (lambda r: r.correct_flexible) if self.metric == "flexible" else (lambda r: r.correct_strict)
+            out.append({i: (int(pick(rows[i])),) * 2 for i in ids})
+        return out
+
+    def close(self) -> None:
+        if self.generator is not None:
+            self.generator.close()
+            self.generator = None
 
 
 def _generation_summary(rows: dict[str, GenerationRow]) -> dict:

