@@ -113,6 +113,7 @@ gsm8k() {  # GSM8K test (1,319 items; 8-shot chain of thought through the chat t
         for limit in 100 200 400 800 1319; do
             "$G" eval $model --tasks gsm8k --loop $plan --limit $limit -t $T --db "$DB" --json $name.json > $name.txt
             sync_rows
+            "${PYTHON:-.venv/bin/python}" $OUT/gsm8k.py --db "$DB" > $OUT/gsm8k/summary.md
         done
     done
 }
