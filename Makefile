@@ -7,7 +7,7 @@ export GGUFLOOP_BACKEND
 # the plan and sampling of `make chat`, chosen from measurements (docs/chat-defaults.md)
 CHAT_PLAN ?= --loop 10:15x3 --mix uniform --temp 0
 
-.PHONY: backend stock models models-large data chat lint test test-fast bench archs-doc clean
+.PHONY: backend stock models models-large data chat lint test test-fast bench archs-doc lm-eval clean
 
 # long steps print one progress line each; their output is shown only when they fail
 QUIETLY := scripts/quietly
@@ -61,7 +61,21 @@ test: lint models data
 
 # without the packaged models and the benchmark data
 test-fast: lint
-	$(PY) -m pytest -q -m "not models and not data and not models_large"
+	$(PY) -m pytest -q -m "not models and not data and not models_large and not lm_eval"
+
+# opt-in, not part of `make test`: lm-evaluation-harness in a venv of its own, torch 2.13.0 first (the CPU build
+# these machines hold; else lm-eval's dependency fetches a CUDA one of several GB), then its tests: lm-eval's gguf
+# model against `ggufloop serve` (about 2 minutes to install here)
+LM_EVAL_VENV ?= .venv-lm-eval
+$(LM_EVAL_VENV)/.ready:
+	@$(QUIETLY) "lm-evaluation-harness 0.4.13 in $(LM_EVAL_VENV) (torch 2.13.0 first)" sh -c '$(PYTHON) -m venv $(LM_EVAL_VENV) && \
+		$(LM_EVAL_VENV)/bin/python -m pip install -q --upgrade pip && \
+		$(LM_EVAL_VENV)/bin/python -m pip install -q torch==2.13.0 && \
+		$(LM_EVAL_VENV)/bin/python -m pip install -q "lm-eval[api]==0.4.13"'
+	@touch $@
+
+lm-eval: models data $(LM_EVAL_VENV)/.ready
+	LM_EVAL=$(LM_EVAL_VENV)/bin/lm_eval $(PY) -m pytest -q -m lm_eval tests/test_lm_eval.py
 
 # speed and memory side by side (docs/benchmarks.md); needs the stock build for comparison
 bench: models stock

@@ -22,13 +22,24 @@ defaults (temperature 0.8, repeat_penalty 1.1, ...): /v1/models, /v1/completions
 /extras/tokenize/count, /extras/detokenize. Input that would reach llama.cpp's C code unchecked
 is checked first: token ids (detokenize, logit_bias) must be in the vocabulary, a grammar must
 parse with llama.cpp's own parser, text must have a UTF-8 form (no lone surrogates), and a prompt
-must fit the context. ``logprobs`` is refused (the model keeps no per-token logits). Limits, each a
-``ServeConfig`` field: ``max_tokens`` (a request asking for more, or for no limit, gets this many),
-``request_timeout`` (a generation ends there, as if by max_tokens) and ``max_input_chars`` (the text
-one request may send). Tokenizing runs in the worker threads, never on the event loop. Errors
-answer in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) and never carry
-server paths or tracebacks. A model whose logits are not finite (a damaged file) answers 500 with
-that reason, never an empty answer: LoopedLlama.eval checks every evaluated row.
+must fit the context. Limits, each a ``ServeConfig`` field: ``max_tokens`` (a request asking for
+more, or for no limit, gets this many), ``request_timeout`` (a generation ends there, as if by
+max_tokens) and ``max_input_chars`` (the text one request may send). Tokenizing runs in the worker
+threads, never on the event loop. Errors answer in OpenAI's shape (``{"error": {"message", "type",
+"param", "code"}}``) and never carry server paths or tracebacks. A model whose logits are not finite
+(a damaged file) answers 500 with that reason, never an empty answer: LoopedLlama.eval checks every
+evaluated row.
+
+``/v1/completions`` answers ``logprobs`` (at most ``MAX_LOGPROBS`` alternatives) and ``echo`` as
+OpenAI's legacy completions do, which is what lm-evaluation-harness's ``gguf`` and
+``local-completions`` models ask for. The prompt's log-probabilities are not llama-cpp-python's echo
+path (shifted by one position for a model that adds no BOS, llama-cpp-python issue 1983): the prompt,
+with the BOS the model adds, is decoded in a side context of the model under the request's plan, and
+each echoed token gets the log-softmax of the row before it (the first token of a prompt without a
+BOS gets null); only that request's rows are computed, one at a time, and no logits matrix is kept.
+Generated tokens get the logits their generation sampled from. ``max_tokens: 0`` with ``echo`` only
+scores the prompt; with either, a prompt may be a list of token ids. ``logprobs`` or ``echo`` with
+``stream``, and ``logprobs`` on chat completions, are refused with a 400 naming the field.
 
 This module imports FastAPI and llama.cpp; ``ggufloop.cli.serve`` imports it only when it runs.
 """
@@ -36,6 +47,7 @@ This module imports FastAPI and llama.cpp; ``ggufloop.cli.serve`` imports it onl
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hmac
 import json
 import re
@@ -43,6 +55,8 @@ import sys
 import threading
 import time
 import traceback
+import uuid
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +64,7 @@ from typing import Any, TypeVar
 
 import anyio
 import llama_cpp
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -64,12 +79,14 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import BackendError, PlanError
+from .numeric import log_softmax
 from .plan import LoopPlan
 from .runtime import LoopedLlama
 
 T = TypeVar("T")
 
 DEFAULT_MAX_INPUT_CHARS = 1_000_000
+MAX_LOGPROBS = 20  # the most alternatives per token a completion's `logprobs` asks for
 API_KEY_ENV = "GGUFLOOP_API_KEY"
 UNLOOPED = "none"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -222,6 +239,8 @@ class PlanServer:
         self.max_tokens = config.max_tokens or config.n_ctx
         self._deadline: float | None = None  # of the running request's generation (request_timeout)
         self._timed_out = False
+        self._capture: list[tuple[int, float, list[tuple[int, float]]]] | None = None  # generated tokens' logprobs
+        self._capture_top = 0
         self._limit_generation()
 
     def close(self) -> None:
@@ -328,6 +347,11 @@ class PlanServer:
                         token = tokens.send(sent) if sent is not None else next(tokens)
                     except StopIteration:
                         return
+                    if self._capture is not None:  # the logits it was sampled from: the context's last row
+                        row = np.ctypeslib.as_array(
+                            llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,)
+                        )
+                        self._capture.append((token, *_logprob(row, token, self._capture_top)))
                     sent = yield token
                     if self._deadline is not None and time.monotonic() >= self._deadline:
                         self._timed_out = True
@@ -429,10 +453,13 @@ class PlanServer:
         self.check_text(body)
         if (body.n or 1) != 1:
             raise ServeError(400, "n > 1 is not supported: send one request per choice", param="n")
-        if body.logprobs is not None and body.logprobs is not False:  # completions: a count, 0 included
-            raise _unsupported("logprobs")
-        if getattr(body, "top_logprobs", None):
-            raise _unsupported("top_logprobs")
+        if isinstance(body, CreateCompletionRequest):
+            self._check_logprobs(body)
+        else:  # chat: OpenAI's logprobs there are per generated token only, which this server does not give
+            if body.logprobs:
+                raise _unsupported("logprobs")
+            if body.top_logprobs:
+                raise _unsupported("top_logprobs")
         kwargs = body.model_dump(exclude={"model", "n", "best_of", "logit_bias_type", "user", "min_tokens", "grammar"})
         for key in body.model_extra or {}:
             kwargs.pop(key, None)
@@ -450,6 +477,115 @@ class PlanServer:
                 [llama_cpp.MinTokensLogitsProcessor(body.min_tokens, self.llm.token_eos())]
             )
         return kwargs
+
+    def _check_logprobs(self, body: CreateCompletionRequest) -> None:
+        """Refuse what a completion's logprobs and echo cannot be combined with here, naming the field."""
+        if body.logprobs is not None and body.logprobs > MAX_LOGPROBS:
+            raise ServeError(
+                400,
+                f"logprobs is {body.logprobs}: this server gives at most {MAX_LOGPROBS} alternatives per token",
+                param="logprobs",
+            )
+        for name in ("logprobs", "echo"):
+            if body.stream and getattr(body, name) not in (None, False):
+                raise ServeError(
+                    400, f"{name} with stream is not supported by this server: send stream false", param=name
+                )
+            if body.suffix is not None and getattr(body, name) not in (None, False):
+                raise ServeError(
+                    400, f"suffix with {name} is not supported by this server: leave it out", param="suffix"
+                )
+
+    # -- completions with logprobs or echo
+
+    def scored_completion(
+        self, llm: LoopedLlama, kwargs: dict[str, Any], n_top: int | None, echo: bool, generate: bool
+    ) -> dict[str, Any]:
+        """A completion with OpenAI's ``logprobs`` (n_top alternatives per token; None: no logprobs)
+        and ``echo``: the prompt's log-probabilities from a side context under the current plan, the
+        generated tokens' from the logits they were sampled from (run it under the lock)."""
+        prompt = kwargs["prompt"]
+        vocab = llm._model.vocab
+        if isinstance(prompt, str):  # as llama-cpp-python tokenizes a completion's prompt
+            data = prompt.encode("utf-8")
+            body = llm.tokenize(data, add_bos=False, special=True) if prompt else []
+            bos = [llm.token_bos()] if llm._model.add_bos_token() and llm.token_bos() >= 0 else []
+        else:  # token ids: as given, no BOS added (as llama-cpp-python does); echoed as their pieces
+            body, bos = list(prompt), []
+            data = b"".join(_piece(vocab, t) for t in body)
+        text = data.decode("utf-8", "replace")
+        tokens = bos + body
+        if not body and not (bos and generate):
+            raise ServeError(400, "prompt is empty: nothing to score or continue", param="prompt")
+        n_ctx = llm.n_ctx()
+        if len(tokens) > n_ctx - generate:
+            raise _too_long_error(len(tokens), n_ctx, "prompt", generate)
+        pieces = [_piece(vocab, t) for t in body]
+        entries: list[tuple[str, int, float | None, list[tuple[int, float]]]] = []
+        if echo and n_top is not None:
+            scored = self._score_prompt(llm, tokens, len(bos), n_top)
+            for token, piece, offset, (value, top) in zip(body, pieces, _offsets(data, pieces), scored):
+                entries.append((_token_text(piece), offset, value, top + [(token, value)] if value is not None else []))
+        finish, generated, n_generated = "length", "", 0
+        if generate:
+            self._capture, self._capture_top = [], n_top or 0
+            try:
+                answer = llm.create_completion(**{**kwargs, "echo": False, "logprobs": None, "stream": False})
+            finally:
+                captured, self._capture = self._capture, None
+            choice = answer["choices"][0]
+            generated, finish = choice["text"], choice["finish_reason"]
+            n_generated = answer["usage"]["completion_tokens"]
+            if n_top is not None:
+                entries += _generated_entries(vocab, captured, len(text), generated, finish)
+        logprobs = None
+        if n_top is not None:
+            logprobs = {
+                "tokens": [e[0] for e in entries],
+                "text_offset": [e[1] for e in entries],
+                "token_logprobs": [e[2] for e in entries],
+                "top_logprobs": [_top_dict(vocab, e[3]) if e[2] is not None else None for e in entries],
+            }
+        return {
+            "id": f"cmpl-{uuid.uuid4()}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": kwargs.get("model"),
+            "choices": [
+                {
+                    "text": (text if echo else "") + generated,
+                    "index": 0,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(tokens),
+                "completion_tokens": n_generated,
+                "total_tokens": len(tokens) + n_generated,
+            },
+        }
+
+    def _score_prompt(
+        self, llm: LoopedLlama, tokens: list[int], first: int, n_top: int
+    ) -> list[tuple[float | None, list[tuple[int, float]]]]:
+        """(log-probability, the n_top best (token, log-probability)) of tokens[k] given tokens[:k], for
+        k from first on ((None, []) for k = 0): the whole prompt decoded from position 0 in a context of
+        its own under the current plan, in the model's batch size, as generation decodes a prompt."""
+        n = len(tokens)
+        lo = max(first, 1) - 1  # the first row wanted: the one predicting tokens[first]
+        size = -(-n // 256) * 256
+        n_batch = min(llm.n_batch, size)
+        out: dict[int, tuple[float, list[tuple[int, float]]]] = {}
+        if lo >= n - 1:  # one token and no BOS: nothing to score
+            return [(None, [])] * (n - first)
+        with llm.side_context(size, n_batch, min(llm.context_params.n_ubatch, n_batch)) as side:
+            for at in range(0, n, n_batch):
+                chunk = [(tokens[p], p, 0, lo <= p < n - 1) for p in range(at, min(n, at + n_batch))]
+                for j in side.decode(chunk):
+                    pos = chunk[j][1]
+                    out[pos + 1] = _logprob(side.logits(j), tokens[pos + 1], n_top)
+        return [out.get(k, (None, [])) for k in range(first, n)]
 
     def _logit_bias(self, bias: dict[str, float], kind: str | None) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -499,7 +635,10 @@ def _model_error(err: BackendError) -> ServeError:
 
 
 def _unsupported(name: str) -> ServeError:
-    message = f"{name} is not supported by this server yet (the model keeps no per-token logits): leave it out"
+    message = (
+        f"{name} is not supported on chat completions by this server: leave it out, or ask /v1/completions "
+        "with logprobs (and echo for the prompt's)"
+    )
     return ServeError(400, message, param=name)
 
 
@@ -510,15 +649,96 @@ def _too_long(err: ValueError, field: str) -> Exception:
     if match is None:
         return err
     n_prompt, n_ctx = match.groups()
+    return _too_long_error(int(n_prompt), int(n_ctx), field)
+
+
+def _too_long_error(n_prompt: int, n_ctx: int, field: str, generate: bool = True) -> ServeError:
+    room = " (the prompt must leave room for at least one generated token)" if generate else ""
     return ServeError(
         400,
-        f"{field}: the prompt is {n_prompt} tokens, and the context holds {n_ctx} (the prompt must leave room "
-        "for at least one generated token): shorten it",
+        f"{field}: the prompt is {n_prompt} tokens, and the context holds {n_ctx}{room}: shorten it",
         param=field,
         code="context_length_exceeded",
-        prompt_tokens=int(n_prompt),
-        n_ctx=int(n_ctx),
+        prompt_tokens=n_prompt,
+        n_ctx=n_ctx,
     )
+
+
+# -- log-probabilities --------------------------------------------------------------------------
+
+
+def _logprob(logits: np.ndarray, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
+    """token's log-probability under one row of logits, and the n_top most likely (token, log-probability)."""
+    row = log_softmax(logits)
+    if not np.isfinite(row[token]):
+        raise BackendError("the model produced non-finite logits (NaN or infinity) while scoring the prompt")
+    top: list[tuple[int, float]] = []
+    if n_top:
+        best = np.argpartition(-row, n_top - 1)[:n_top]
+        top = [(int(i), float(row[i])) for i in best[np.argsort(-row[best], kind="stable")]]
+    return float(row[token]), top
+
+
+def _piece(vocab: Any, token: int) -> bytes:
+    """The bytes of one token as generation writes them (special tokens as their text)."""
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, 64, 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, True)
+    return buf.raw[: max(n, 0)]
+
+
+def _token_text(piece: bytes) -> str:
+    """A token's text, as OpenAI writes it: bytes that are not UTF-8 by themselves as ``bytes:\\xNN``."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
+
+
+def _top_dict(vocab: Any, top: list[tuple[int, float]]) -> dict[str, float]:
+    """OpenAI's top_logprobs entry: token text -> log-probability (tokens of one text: the highest)."""
+    out: dict[str, float] = {}
+    for token, value in top:
+        key = _token_text(_piece(vocab, token))
+        out[key] = max(value, out.get(key, value))
+    return out
+
+
+def _offsets(data: bytes, pieces: list[bytes], at: int = 0) -> list[int]:
+    """The character offset in data's text (plus at) where each token starts. The pieces spell data,
+    after the leading blanks a SentencePiece tokenizer adds; a token that starts inside a character
+    starts at that character."""
+    joined = b"".join(pieces)
+    shift = 0
+    if joined != data and joined.endswith(data) and not joined[: len(joined) - len(data)].strip(b" "):
+        shift = len(joined) - len(data)
+    starts = [i for i, b in enumerate(data) if b & 0xC0 != 0x80]  # the first byte of each character
+    out, pos = [], 0
+    for piece in pieces:
+        b = max(0, pos - shift)
+        out.append(at + (bisect_right(starts, b) - 1 if b < len(data) else len(starts)))
+        pos += len(piece)
+    return out
+
+
+def _generated_entries(
+    vocab: Any, captured: list[tuple[int, float, list[tuple[int, float]]]], at: int, text: str, finish: str
+) -> list[tuple[str, int, float, list[tuple[int, float]]]]:
+    """The logprobs entries of the generated tokens, offsets counted from at: every token generated,
+    the end-of-generation token included (OpenAI lists it, and lm-eval drops the last entry as the
+    generated one); after a stop sequence, only the tokens that start before it."""
+    pieces = [_piece(vocab, t) for t, _, _ in captured]
+    offsets = _offsets(b"".join(pieces), pieces, at)
+    eog = bool(captured) and llama_cpp.llama_vocab_is_eog(vocab, captured[-1][0])
+    cut = finish == "stop" and not eog  # a stop sequence ended it
+    out = []
+    for (token, value, top), piece, offset in zip(captured, pieces, offsets):
+        if cut and offset >= at + len(text):
+            break
+        out.append((_token_text(piece), min(offset, at + len(text)), value, top + [(token, value)]))
+    return out
 
 
 def _ended_by_limit(answer: Any) -> None:
@@ -537,7 +757,13 @@ def _keeping_extras(schema: type) -> type:
     return type(schema.__name__, (schema,), {"model_config": {**schema.model_config, "extra": "allow"}})
 
 
-CompletionRequest = _keeping_extras(CreateCompletionRequest)
+class _CompletionRequest(CreateCompletionRequest):
+    """llama-cpp-python's completion request, whose prompt may also be token ids, as OpenAI's may."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+
+
+CompletionRequest = _keeping_extras(_CompletionRequest)
 ChatRequest = _keeping_extras(CreateChatCompletionRequest)
 TokenizeRequest = _keeping_extras(TokenizeInputRequest)
 DetokenizeRequest = _keeping_extras(DetokenizeInputRequest)
@@ -569,11 +795,13 @@ def create_app(server: PlanServer) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = []
+        problems, fields = [], []
         for e in err.errors()[:5]:
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
             problems.append(f"{where}: {e.get('msg', 'invalid')}")
-        return ServeError(400, scrub("invalid request: " + "; ".join(problems))).response()
+            fields.append(where)
+        param = fields[0] if len(set(fields)) == 1 else None  # the one field at fault, where there is one
+        return ServeError(400, scrub("invalid request: " + "; ".join(problems)), param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -598,13 +826,27 @@ def create_app(server: PlanServer) -> FastAPI:
     async def completions(request: Request, body: CompletionRequest) -> Any:
         server.refuse_plan_fields(body.model_extra)
         model_id, _ = server.resolve(body.model)
-        if isinstance(body.prompt, list):
+        if isinstance(body.prompt, list) and not (body.prompt and all(isinstance(t, int) for t in body.prompt)):
             if len(body.prompt) > 1:
                 raise ServeError(400, "one prompt per request", param="prompt")
             body.prompt = body.prompt[0] if body.prompt else ""
+        if isinstance(body.prompt, list):  # token ids
+            if body.logprobs is None and not body.echo:
+                raise ServeError(
+                    400,
+                    "prompt: token ids are accepted with logprobs or echo (as lm-eval's tokenized requests send "
+                    "them); to generate, send the prompt as text",
+                    param="prompt",
+                )
+            server.check_tokens(body.prompt, "prompt")
+        echo_only = body.echo and body.max_tokens == 0  # the prompt's log-likelihood, nothing generated
         kwargs = await run_in_threadpool(server.sampling_kwargs, body)
         kwargs["model"] = model_id  # the answer names the id, not the file
-        return await _answer(server, model_id, body.stream, lambda llm: llm.create_completion(**kwargs), "prompt")
+        if body.logprobs is None and not body.echo:
+            call = lambda llm: llm.create_completion(**kwargs)  # noqa: E731
+        else:
+            call = lambda llm: server.scored_completion(llm, kwargs, body.logprobs, body.echo, not echo_only)  # noqa: E731
+        return await _answer(server, model_id, body.stream, call, "prompt")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatRequest) -> Any:

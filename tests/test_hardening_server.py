@@ -100,9 +100,7 @@ def still_answers(srv: Server, reference) -> None:
 @pytest.mark.parametrize(
     "path, body, field",
     [
-        ("/completions", {"prompt": PROMPT, "logprobs": 5}, "logprobs"),
-        ("/completions", {"prompt": PROMPT, "logprobs": 0}, "logprobs"),
-        ("/completions", {"prompt": PROMPT, "logprobs": 100000, "echo": True}, "logprobs"),
+        # completions answer logprobs, except streamed (tests/test_lm_eval.py has the rest)
         ("/completions", {"prompt": PROMPT, "logprobs": 2, "stream": True}, "logprobs"),
         ("/chat/completions", {"messages": MESSAGES, "logprobs": True}, "logprobs"),
         ("/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 3}, "logprobs"),
