@@ -135,3 +135,50 @@ def logit_lens(run: dict, tokens: list[str], title: str, path: Path) -> None:
     ax.set_ylabel("virtual layer : physical layer")
     ax.set_title(title, fontsize=10)
     save(fig, path)
+
+
+def kld_maps(
+    panels: list[tuple[str, dict[tuple[int, int], tuple[float, float]]]],
+    title: str,
+    path: Path,
+) -> None:
+    """Per (K, mix) panel, two heat maps over the blocks (first layer s across, block size e - s up): the
+    mean KL divergence from the unlooped model (log colour scale shared by every panel; darker: further)
+    and the share of tokens with the same top token (linear, shared; darker: fewer), each cell labelled.
+    ``panels``: (label, {(s, e): (mean KLD, same-top share)}) in display order."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    starts = sorted({s for _, cells in panels for s, _ in cells})
+    sizes = sorted({e - s for _, cells in panels for s, e in cells})
+    klds = [v[0] for _, cells in panels for v in cells.values()]
+    same = [100 * v[1] for _, cells in panels for v in cells.values()]
+    positive = [k for k in klds if k > 0]
+    low = min(positive) if positive else 1e-6
+    kld_norm = LogNorm(vmin=low, vmax=max(max(klds), low * 10))
+    same_norm = Normalize(vmin=min(min(same), 99.9), vmax=100.0)
+    width = max(4.0, 0.45 * len(starts) + 2.0)
+    height = max(1.6, 0.45 * len(sizes) + 1.2)
+    fig, axes = subplots(len(panels), 2, figsize=(2 * width, height * len(panels) + 0.8), squeeze=False)
+    for row, (label, cells) in zip(axes, panels):
+        for ax, which, norm, cmap, fmt in (
+            (row[0], 0, kld_norm, "magma_r", lambda v: f"{v:.2g}"),
+            (row[1], 1, same_norm, "viridis", lambda v: f"{100 * v:.0f}"),
+        ):
+            m = np.full((len(sizes), len(starts)), np.nan)
+            for (s, e), v in cells.items():
+                m[sizes.index(e - s), starts.index(s)] = max(v[0], low) if which == 0 else 100 * v[1]
+            im = ax.imshow(m, origin="lower", aspect="auto", cmap=cmap, norm=norm)
+            for (s, e), v in cells.items():
+                x, y = starts.index(s), sizes.index(e - s)
+                shade = norm(m[y, x])
+                dark = shade > 0.6 if which == 0 else shade < 0.5
+                ax.text(x, y, fmt(v[which]), ha="center", va="center", fontsize=6, color="w" if dark else "k")
+            ax.set_xticks(range(len(starts)), [str(s) for s in starts], fontsize=7)
+            ax.set_yticks(range(len(sizes)), [str(m) for m in sizes], fontsize=7)
+            ax.set_xlabel("first layer of the block (s)", fontsize=8)
+            ax.set_ylabel("block size (e - s)", fontsize=8)
+            what = "mean KL(unlooped || plan), nats" if which == 0 else "same top token, %"
+            ax.set_title(f"{label}: {what}", fontsize=9)
+            fig.colorbar(im, ax=ax, shrink=0.9)
+    fig.suptitle(title, fontsize=10)
+    save(fig, path, dpi=110)

@@ -378,3 +378,113 @@ def test_agrees_with_the_patched_llama_perplexity(tmp_path, plan):
     for key in ("dp_mean", "dp_rms", "dp_p1", "dp_p99"):
         assert got[key] == pytest.approx(want[key], abs=DP_TOL_PCT / 100), key
     assert got["same_top"] == pytest.approx(want["same_top"], abs=1.0 / got["n_tokens"] + 1e-5)
+
+
+# -- a block window: every (block, K, mix) against one base -----------------------------------------
+
+WINDOW = ["--starts", "1:4", "--sizes", "2:3", "--counts", "2,3", "--mixes", "none,uniform"]  # 3 blocks, 12 plans
+
+
+@pytest.fixture
+def counted(monkeypatch) -> dict[str, int]:
+    """How many base passes and plan passes run (in this process)."""
+    calls = {"base": 0, "plan": 0}
+    base_pass, plan_pass = ppl.base_pass, ppl.plan_pass
+
+    def count_base(*args, **kwargs):
+        calls["base"] += 1
+        return base_pass(*args, **kwargs)
+
+    def count_plan(*args, **kwargs):
+        calls["plan"] += 1
+        return plan_pass(*args, **kwargs)
+
+    monkeypatch.setattr(ppl, "base_pass", count_base)
+    monkeypatch.setattr(ppl, "plan_pass", count_plan)
+    return calls
+
+
+def perplexity_cli(path: Path, tmp_path: Path, *args: str, db: str = "r.sqlite", cache: str = "c", chunks: int = 4):
+    text = tmp_path / "words.txt"
+    if not text.exists():
+        text.write_text(words(900))
+    common = ["--text", str(text), "-c", "32", "--chunks", str(chunks), "-t", "2"]
+    common += ["--db", str(tmp_path / db), "--cache-dir", str(tmp_path / cache)]
+    run = CliRunner().invoke(main, ["perplexity", str(path), *args, *common])
+    assert run.exit_code == 0, run.output
+    return run
+
+
+def test_window_equals_its_plans_one_by_one_on_one_base(tiny_models, tmp_path, counted):
+    path = tiny_models["llama"][2]
+    out = tmp_path / "maps"
+    run = perplexity_cli(path, tmp_path, *WINDOW, "--out", str(out))
+    assert counted == {"base": 1, "plan": 12}
+    assert "| 1:3 | 2 | none |" in run.output and "| 3:5 | 3 | uniform |" in run.output
+    record = json.loads((out / "kld-llama.json").read_text())
+    cells = {c["plan"]: c for c in record["cells"]}
+    want = [f"{s}:{s + 2}x{k}{m}" for s in (1, 2, 3) for k in (2, 3) for m in ("", "/uniform")]
+    assert sorted(cells) == sorted(want) and record["n_chunk"] == 4 and record["n_layer"] == 6
+    assert cells["2:4x3/uniform"]["start"] == 2 and cells["2:4x3/uniform"]["count"] == 3
+    for f in ("kld-llama.png", "kld-llama.md"):
+        assert (out / f).stat().st_size > 1000
+    assert (out / "kld-llama.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 2:4 | 3 | uniform |" in (out / "kld-llama.md").read_text()
+
+    for plan, cell in cells.items():  # each plan alone, on a fresh database and cache: the same numbers
+        single = tmp_path / "single.json"
+        perplexity_cli(path, tmp_path, "--loop", plan, "--json", str(single), db="one.sqlite", cache="c1")
+        alone = json.loads(single.read_text())
+        assert alone["plan"] == plan and alone["stats"] == cell["stats"], plan
+        assert alone["stats"]["kld"]["mean"] > 0
+    assert counted == {"base": 2, "plan": 24}  # the single runs' base once, then from their cache
+
+
+def test_window_resumes_without_recomputing(tiny_models, tmp_path, counted):
+    path = tiny_models["llama"][2]
+    out = ["--out", str(tmp_path / "maps")]
+    perplexity_cli(path, tmp_path, *WINDOW[:4], "--counts", "2", "--mixes", "uniform", *out)  # 3 of the 12
+    assert counted == {"base": 1, "plan": 3}
+    run = perplexity_cli(path, tmp_path, *WINDOW, *out)
+    assert counted == {"base": 1, "plan": 12}  # the cached base, the 9 missing plans
+    assert "9 plans scored" in run.output and "3 read from the database" in run.output
+    first = json.loads((tmp_path / "maps" / "kld-llama.json").read_text())
+    shutil.rmtree(tmp_path / "c")  # every plan stored: the base is not even needed
+    run = perplexity_cli(path, tmp_path, *WINDOW, *out)
+    assert counted == {"base": 1, "plan": 12} and "0 plans scored" in run.output
+    assert json.loads((tmp_path / "maps" / "kld-llama.json").read_text()) == first
+    # another chunk count is another base: nothing of it is in the database
+    perplexity_cli(path, tmp_path, *WINDOW[:4], "--counts", "2", "--mixes", "none", *out, chunks=3)
+    assert counted == {"base": 2, "plan": 15}
+
+
+def test_window_steps_take_every_nth_block():
+    assert ppl.window_blocks(12, "0:9:4", "2:4") == [(0, 2), (0, 3), (4, 6), (4, 7), (8, 10), (8, 11)]
+    assert ppl.window_blocks(12, "2:12:3", "2:7:2") == [(s, s + m) for s in (2, 5, 8) for m in (2, 4, 6) if s + m <= 12]
+    assert ppl.window_blocks(6, None, "5:6") == [(0, 5), (1, 6)]
+    cells = ppl.window_cells(6, "1:2", "2:3", (2, 3), ("none", "ema:0.3"))
+    assert [c.plan for c in cells] == ["1:3x2", "1:3x2/ema:0.3", "1:3x3", "1:3x3/ema:0.3"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--starts", "7:9"], "no block in the windows"),
+        (["--starts", "2:5", "--sizes", "5:3"], "no block in the windows"),
+        (["--starts", "4:2"], "no block in the windows"),
+        (["--starts", "a:b"], "bad window"),
+        (["--starts", "0:4:0"], "the step must be at least 1"),
+        (["--sizes", "2:3", "--counts", "1"], "must be >= 2"),
+        (["--sizes", "2:3", "--mixes", "sideways"], "mix"),
+        (["--sizes", "2:3", "--loop", "1:4x2"], "not both"),
+        ([], "give a plan"),
+    ],
+)
+def test_bad_windows_are_one_error_line(tiny_models, tmp_path, args, message):
+    f = tmp_path / "t.txt"
+    f.write_text(words(900))
+    proc = ggufloop(
+        "perplexity", str(tiny_models["llama"][2]), *args, "--text", str(f), "-c", "32", "--chunks", "2",
+        "--db", str(tmp_path / "r.sqlite"), "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    one_error(proc, message)

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OptionError, TaskError, TextError
+from ..errors import OptionError, PlanError, TaskError, TextError
 from ..numeric import log_softmax
 
 KLD_FLOOR = -16.0  # llama-perplexity sums the KLD over the entries with log p_base above this
@@ -512,6 +512,102 @@ def _key(model_sha256: str, text: Text, cfg: PerplexityConfig, n_chunk: int) -> 
     return CacheKey(model_sha256, text.sha256, cfg.n_ctx, n_chunk, 0 if len(kept) == n_chunk else cfg.kld_tokens)
 
 
+def _find_base(llm, model_sha256: str, text: Text, cfg: PerplexityConfig):
+    """The cache key of the text's base and the cached base (None when it must be computed), with the
+    chunks to compute it on (None when the cache was found without tokenizing)."""
+    n_chunks = cfg.n_chunks if cfg.n_chunks is not None else text.default_chunks(cfg.n_ctx)
+    base, chunks = None, None
+    if n_chunks is not None:  # a cache of that many chunks needs no tokenization
+        key = _key(model_sha256, text, cfg, n_chunks)
+        base = load_base(key.file(cfg.cache_dir), key)
+    if base is None:
+        tokens = llm.tokenize(text.text.encode("utf-8"), add_bos=True, special=False)
+        chunks = chunked(tokens, cfg.n_ctx, n_chunks, text.name)
+        key = _key(model_sha256, text, cfg, len(chunks))
+        base = load_base(key.file(cfg.cache_dir), key, chunks)
+    return key, base, chunks
+
+
+@dataclass
+class PlansRun:
+    """What ``score_plans`` did: the base's key and cache file, whether the base pass ran (``base_passes``,
+    0 or 1) and its wall time, the results it computed, in order, and the plans it left out because
+    ``done`` had them."""
+
+    key: CacheKey
+    cache: str
+    base_passes: int
+    base_seconds: float
+    results: list[PerplexityResult]
+    skipped: list[str]
+
+
+def score_plans(
+    path: str | Path,
+    plans: list,
+    text: Text,
+    cfg: PerplexityConfig,
+    model_sha256: str,
+    progress: Progress | None = None,
+    placement=None,
+    on_total: Callable[[int], None] | None = None,
+    done: Callable[[CacheKey], set[str]] | None = None,
+    on_result: Callable[[PerplexityResult], None] | None = None,
+) -> PlansRun:
+    """Score several plans against one base, on one model load: the base from its cache (or one pass, then
+    cached), then one pass per plan. ``done(key)`` names the plans already scored under the base's key
+    (canonical plan strings): they are left out, and when every plan is, the base is not computed either.
+    ``on_result`` gets each result as soon as it is computed (a stopped run keeps what it finished);
+    ``on_total`` is told how many chunk passes will run, before the first. The caller checks the context
+    against the model (``cli.options.check_context``)."""
+    from ..plan import LoopPlan
+
+    if cfg.n_ctx < 16:
+        raise OptionError(f"-c {cfg.n_ctx} is too small: perplexity needs chunks of at least 16 tokens")
+    path = Path(path)
+    parsed = list({str(p): p for p in (LoopPlan.parse(p) for p in plans)}.values())
+    llm = open_model(path, cfg, placement)
+    try:
+        key, base, chunks = _find_base(llm, model_sha256, text, cfg)
+        stored = done(key) if done else set()
+        todo = [p for p in parsed if str(p) not in stored]
+        need_base = base is None and bool(todo)
+        if on_total:
+            on_total(key.n_chunk * (len(todo) + need_base))
+        base_seconds = 0.0
+        if need_base:
+            t0 = time.perf_counter()
+            base = base_pass(llm, chunks, key.kld_tokens, progress)
+            base_seconds = time.perf_counter() - t0
+            save_base(key.file(cfg.cache_dir), key, base)
+        results = []
+        for plan in todo:
+            llm.set_loop(plan)
+            t0 = time.perf_counter()
+            stats = statistics(plan_pass(llm, base, progress))
+            r = PerplexityResult(
+                str(path),
+                model_sha256,
+                str(llm.plan),
+                text.name,
+                text.sha256,
+                cfg.n_ctx,
+                key.n_chunk,
+                key.kld_tokens,
+                stats,
+                str(key.file(cfg.cache_dir)),
+                not need_base,
+                {"base": base_seconds, "plan": time.perf_counter() - t0},
+            )
+            if on_result:
+                on_result(r)
+            results.append(r)
+    finally:
+        llm.close()
+    skipped = [str(p) for p in parsed if str(p) in stored]
+    return PlansRun(key, str(key.file(cfg.cache_dir)), int(need_base), base_seconds, results, skipped)
+
+
 def score(
     path: str | Path,
     plan,
@@ -525,54 +621,108 @@ def score(
     """Score a plan against the unlooped model on a text: the base from its cache (or one pass, then
     cached), then one pass under the plan. ``on_total`` is told how many chunk passes will run, before
     the first. The caller checks the context against the model (``cli.options.check_context``)."""
+    return score_plans(path, [plan], text, cfg, model_sha256, progress, placement, on_total).results[0]
+
+
+# -- a block window: every (block, K, mix) against one base ---------------------------------------
+
+
+def window_blocks(n_layer: int, starts: str | None, sizes: str | None) -> list[tuple[int, int]]:
+    """Every block (s, e) of the windows, as ``ggufloop sweep`` takes them (``eval.sweep.block_ranges``:
+    FIRST:END in slice semantics, None for all), each window with an optional step, FIRST:END:STEP (every
+    STEP-th start or size from FIRST). Refused, as a PlanError, when the windows hold no block."""
+    from .sweep import block_ranges
+
+    def split(text: str | None) -> tuple[str | None, int, int | None]:
+        if text is None or text.count(":") < 2:
+            return text, 1, None
+        a, b, step = text.split(":", 2)
+        try:
+            first, n = int(a), int(step)
+        except ValueError:
+            raise PlanError(f"bad window {text!r}: expected FIRST:END or FIRST:END:STEP, such as 4:12:2") from None
+        if n < 1:
+            raise PlanError(f"bad window {text!r}: the step must be at least 1")
+        return f"{a}:{b}", n, first
+
+    (s_text, s_step, s0), (m_text, m_step, m0) = split(starts), split(sizes)
+    blocks = [
+        (s, e)
+        for s, e in block_ranges(n_layer, s_text, m_text)
+        if (s0 is None or (s - s0) % s_step == 0) and (m0 is None or (e - s - m0) % m_step == 0)
+    ]
+    if not blocks:
+        raise PlanError(
+            f"no block in the windows --starts {starts or 'all'} --sizes {sizes or 'all'} of a {n_layer}-layer model"
+        )
+    return blocks
+
+
+@dataclass(frozen=True)
+class WindowCell:
+    """One plan of a block window: the block (start, end), its pass count and mix, the plan's notation."""
+
+    start: int
+    end: int
+    count: int
+    mix: str
+    plan: str
+
+
+def window_cells(
+    n_layer: int,
+    starts: str | None,
+    sizes: str | None,
+    counts: tuple[int, ...],
+    mixes: tuple[str, ...],
+    decode=None,
+    moe=None,
+) -> list[WindowCell]:
+    """Every (block, K, mix) of the windows, each plan checked against the model."""
+    from ..plan import LoopPlan, Mix
+
+    if any(k < 2 for k in counts):
+        raise PlanError("the pass counts of a window must be >= 2 (1 is the unlooped model, the base itself)")
+    cells = []
+    for s, e in window_blocks(n_layer, starts, sizes):
+        for k in counts:
+            for mix in mixes:
+                plan = LoopPlan(s, e, k, mix=Mix.parse(mix))
+                plan = plan.with_decode(decode) if decode is not None else plan
+                plan = plan.with_moe(moe) if moe is not None else plan
+                plan.validate(n_layer)
+                cells.append(WindowCell(s, e, k, str(Mix.parse(mix)), str(plan)))
+    return list({c.plan: c for c in cells}.values())
+
+
+def stored_results(store, key: CacheKey) -> dict[str, dict]:
+    """Plan (canonical notation) -> statistics of every result the results database holds for this base."""
     from ..plan import LoopPlan
 
-    if cfg.n_ctx < 16:
-        raise OptionError(f"-c {cfg.n_ctx} is too small: perplexity needs chunks of at least 16 tokens")
-    path = Path(path)
-    plan = LoopPlan.parse(plan)
-    llm = open_model(path, cfg, placement)
-    try:
-        n_chunks = cfg.n_chunks if cfg.n_chunks is not None else text.default_chunks(cfg.n_ctx)
-        base = None
-        if n_chunks is not None:  # a cache of that many chunks needs no tokenization
-            key = _key(model_sha256, text, cfg, n_chunks)
-            base = load_base(key.file(cfg.cache_dir), key)
-        if base is None:
-            tokens = llm.tokenize(text.text.encode("utf-8"), add_bos=True, special=False)
-            chunks = chunked(tokens, cfg.n_ctx, n_chunks, text.name)
-            key = _key(model_sha256, text, cfg, len(chunks))
-            base = load_base(key.file(cfg.cache_dir), key, chunks)
-        cached = base is not None
-        if on_total:
-            on_total(key.n_chunk * (1 if cached else 2))
-        seconds = {"base": 0.0}
-        if base is None:
-            t0 = time.perf_counter()
-            base = base_pass(llm, chunks, key.kld_tokens, progress)
-            seconds["base"] = time.perf_counter() - t0
-            save_base(key.file(cfg.cache_dir), key, base)
-        llm.set_loop(plan)
-        t0 = time.perf_counter()
-        stats = statistics(plan_pass(llm, base, progress))
-        seconds["plan"] = time.perf_counter() - t0
-        ran = str(llm.plan)
-    finally:
-        llm.close()
-    return PerplexityResult(
-        str(path),
-        model_sha256,
-        ran,
-        text.name,
-        text.sha256,
-        cfg.n_ctx,
-        key.n_chunk,
-        key.kld_tokens,
-        stats,
-        str(key.file(cfg.cache_dir)),
-        cached,
-        seconds,
+    rows = store.db.execute(
+        "SELECT plan, stats FROM perplexity WHERE model=? AND text=? AND n_ctx=? AND n_chunks=? AND kld_tokens=?",
+        (key.model, key.text, key.n_ctx, key.n_chunk, key.kld_tokens),
     )
+    return {str(LoopPlan.parse(plan)): json.loads(stats) for plan, stats in rows}
+
+
+def window_table(cells: list[WindowCell], stats: dict[str, dict], heading: str) -> str:
+    """The window's results as Markdown: one row per plan, by K, mix and block."""
+    lines = [
+        heading,
+        "",
+        "| block | K | mix | PPL | ln(PPL ratio) | mean KLD | 99 % KLD | RMS Δp | same top |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in sorted(cells, key=lambda c: (c.count, c.mix, c.start, c.end)):
+        s = stats[c.plan]
+        lines.append(
+            f"| {c.start}:{c.end} | {c.count} | {c.mix} | {s['ppl']:.3f} "
+            f"| {s['ln_ratio']:.4f} ± {s['ln_ratio_se']:.4f} "
+            f"| {s['kld']['mean']:.4f} ± {s['kld']['se']:.4f} | {s['kld']['p99']:.3f} | {100 * s['dp']['rms']:.2f} % "
+            f"| {100 * s['same_top']:.1f} ± {100 * s['same_top_se']:.1f} % |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def summary(r: PerplexityResult) -> str:
