@@ -275,7 +275,8 @@ def generation_speed(
 ) -> list[dict]:
     """Batched GSM8K generation: aggregate generated tokens per second at each number of rows per step
     (``Generator.ROWS``), under each plan, end to end (the shared prefix, every prompt's own tokens and the
-    steps), on the same ``items`` problems; rows x plans interleaved within each repeat, medians reported,
+    steps; the seconds in llama_decode of the prompts and of the steps are reported apart), on the same
+    ``items`` problems; rows x plans interleaved within each repeat, medians reported,
     and the answers compared across row counts (they agree only where the kernels do not change: see
     ``Generator``)."""
     from .eval import gsm8k
@@ -285,17 +286,21 @@ def generation_speed(
         fmt = gsm8k.format_for(model)
         prompts = gsm8k.Prompts(gen.llm, fmt)
         gen.set_prefix(prompts.prefix)
-        batch = [(p.id, prompts.tokens(p.question)) for p in gsm8k.problems(items)]
+        batch = [(f"gsm8k item {p.id}", prompts.tokens(p.question)) for p in gsm8k.problems(items)]
         times: dict[tuple[str, int], list[float]] = {}
+        parts: dict[tuple[str, int], list[tuple[float, float, int]]] = {}  # prompt s, step s, decodes
         answers: dict[tuple[str, int], dict] = {}
         for _ in range(repeats):
             for plan in plans:
                 gen.set_plan(plan)
                 for r in rows:
                     gen.ROWS = r
+                    before, steps = dict(gen.seconds), gen.decodes
                     t0 = time.perf_counter()
                     answers[plan, r] = dict(gen.generate_batch(batch, max_new_tokens, fmt.stops))
                     times.setdefault((plan, r), []).append(time.perf_counter() - t0)
+                    spent = {k: gen.seconds[k] - before[k] for k in before}
+                    parts.setdefault((plan, r), []).append((spent["prompt"], spent["step"], gen.decodes - steps))
     finally:
         gen.close()
     out = []
@@ -313,6 +318,8 @@ def generation_speed(
                     "generated_tokens": n_tokens,
                     "seconds": round(t, 2),
                     "tokens_per_s": round(n_tokens / t, 1),
+                    "prompt_s": round(statistics.median(p for p, _, _ in parts[plan, r]), 2),
+                    "steps_s": round(statistics.median(st for _, st, _ in parts[plan, r]), 2),
                     f"speedup_vs_{rows[0]}_row": round(one / t, 2),
                     f"answers_as_with_{rows[0]}_row": sum(got[k] == answers[plan, rows[0]][k] for k in got),
                 }

@@ -55,6 +55,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -461,6 +462,7 @@ class Generator:
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.prefix: tuple[int, ...] = ()
         self.decodes = 0  # llama_decode calls so far (tests count them)
+        self.seconds = {"prompt": 0.0, "step": 0.0}  # wall time in llama_decode so far, prompts and steps
 
     def close(self) -> None:
         self.llm.close()
@@ -543,10 +545,12 @@ class Generator:
                     (running[seq].out[-1], running[seq].pos, seq, True) if seq in running else (0, 0, seq, True)
                     for seq in range(1, rows + 1)
                 ]
+                t0 = time.perf_counter()
                 try:
                     got = ctx.decode(step, generated=True)
                 except _lib.BackendError as err:
                     raise _lib.BackendError(f"{err} while generating") from None
+                self.seconds["step"] += time.perf_counter() - t0
                 self.decodes += 1
                 for seq, row in zip(range(1, rows + 1), got):
                     if seq in running:
@@ -577,10 +581,12 @@ class Generator:
         row = None
         for at in range(0, len(entries), self.n_batch):
             chunk = entries[at : at + self.n_batch]
+            t0 = time.perf_counter()
             try:
                 wanted = ctx.decode(chunk)
             except _lib.BackendError as err:
                 raise _lib.BackendError(f"{err} while generating") from None
+            self.seconds["prompt"] += time.perf_counter() - t0
             self.decodes += 1
             if wanted:
                 row = ctx.logits(wanted[-1])
