@@ -409,6 +409,18 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
     return mean, math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0
 
 
+def _spread(x: np.ndarray, mean: float, se: float, percentiles) -> dict[str, float]:
+    """Mean +- SE, max, median, the percentiles and min of one per-token statistic, as llama-perplexity lists them."""
+    return {
+        "mean": mean,
+        "se": se,
+        "max": float(np.max(x)),
+        "median": float(np.median(x)),
+        **_percentiles(x, percentiles),
+        "min": float(np.min(x)),
+    }
+
+
 def _percentiles(x: np.ndarray, fractions: tuple[float, ...]) -> dict[str, float]:
     values = np.percentile(x, fractions, method="linear")
     return {f"p{f:g}": float(v) for f, v in zip(fractions, values)}
@@ -444,21 +456,9 @@ def statistics(t: TokenStats) -> dict:
         "ratio_se": math.exp(ln_ratio) * ln_ratio_se,
         "ppl_diff": ppl - ppl_base,
         "ppl_diff_se": math.sqrt(max(diff_var, 0.0)),
-        "kld": {
-            "mean": kld_mean,
-            "se": kld_se,
-            "max": float(np.max(t.kld)),
-            "median": float(np.median(t.kld)),
-            **_percentiles(t.kld, KLD_PERCENTILES),
-            "min": float(np.min(t.kld)),
-        },
+        "kld": _spread(t.kld, kld_mean, kld_se, KLD_PERCENTILES),
         "dp": {
-            "mean": dp_mean,
-            "se": dp_se,
-            "max": float(np.max(t.dp)),
-            "median": float(np.median(t.dp)),
-            **_percentiles(t.dp, DP_PERCENTILES),
-            "min": float(np.min(t.dp)),
+            **_spread(t.dp, dp_mean, dp_se, DP_PERCENTILES),
             "rms": rms,
             "rms_se": 0.5 / rms * mse_se if rms > 0 else 0.0,
         },

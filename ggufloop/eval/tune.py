@@ -11,7 +11,7 @@ resumes and nothing is scored twice, across runs and across tune, eval and sweep
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -213,7 +213,7 @@ def prepare(
     plans = candidates.plans(model_info(model).n_layer)
     first = None
     if prefilter is not None:
-        keep = search.HalvingConfig(**{**prefilter.halving.__dict__, "top_k": min(prefilter.keep, len(plans))})
+        keep = replace(prefilter.halving, top_k=min(prefilter.keep, len(plans)))
         first = prepare(model, list(prefilter.tasks), candidates, limit=limit, split=split, halving=keep)
         n_main = min(prefilter.keep, len(plans))
     else:
