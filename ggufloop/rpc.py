@@ -44,6 +44,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,21 @@ def _answers(endpoint: str, timeout: float = 1.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def lost_servers(servers: Sequence[str], settle: float = 2.0) -> list[str]:
+    """The servers of ``servers`` that no longer accept a connection, waiting up to ``settle`` seconds for one.
+
+    A server that has just died may still accept for a moment: its process closes the connection
+    the client used before its listening socket, and the client's abort comes in between. So when
+    every server still answers, ask again until one does not or ``settle`` has passed; an empty list
+    then means that none could be named."""
+    deadline = time.monotonic() + settle
+    while True:
+        lost = [s for s in servers if not _answers(s, timeout=0.5)]
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(0.05)
 
 
 # -- devices ------------------------------------------------------------------------------------
@@ -428,7 +444,7 @@ def install_abort_handler(endpoints: Sequence[Endpoint]) -> None:
             os.write(_stderr_fd, (text + "\n").encode())
             return
         reason = text.split(": ", 1)[-1].strip()
-        lost = [s for s in _servers if not _answers(s)]
+        lost = lost_servers(_servers)
         if _mid_line and _stdout_fd is not None:  # end the streamed text's line: the error gets a line of its own
             with contextlib.suppress(OSError, ValueError):
                 sys.stdout.flush()

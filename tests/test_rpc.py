@@ -195,6 +195,24 @@ def test_probe_refuses_what_is_not_a_server():
             rpc.probe(rpc.Endpoint("127.0.0.1", other.getsockname()[1]), timeout=5)
 
 
+def test_a_dying_server_that_still_accepts_for_a_moment_is_named():
+    """A killed server's process closes the client's connection before its listening socket, so the
+    client's abort can find it still accepting (CI named "one of" the servers for this reason). The
+    lost server must be named once its listener goes too; a live one never is."""
+    dying, alive = socket.socket(), socket.socket()
+    for s in (dying, alive):
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+    names = [f"127.0.0.1:{s.getsockname()[1]}" for s in (dying, alive)]
+    threading.Timer(0.3, dying.close).start()
+    try:
+        assert rpc.lost_servers(names) == names[:1]
+        assert rpc.lost_servers(names[1:], settle=0.2) == []  # none can be named: the caller says "one of"
+    finally:
+        dying.close()
+        alive.close()
+
+
 def test_generate_with_a_stopped_server_is_one_error_line(tiny_models):
     port = free_port()
     res = CliRunner().invoke(
