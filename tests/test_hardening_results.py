@@ -310,6 +310,28 @@ def test_a_forged_generation_refuses_the_file(generated, tmp_path, column, value
         assert con.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("n_tokens, hit_limit, imports", [("6", "0", True), ("6", "1", True), ("5", "1", False)])
+def test_an_answer_that_ends_on_its_last_allowed_token_imports(generated, tmp_path, n_tokens, hit_limit, imports):
+    """An answer whose stop token is its max_new_tokens-th token used every token without hitting the
+    limit (the study's committed file has one: item 111, 256 tokens); only hit_limit without n_tokens
+    at the limit is forged."""
+    from ggufloop.eval.store import GENERATION_COLUMNS
+
+    with gzip.open(generated[1], "rt", newline="") as f:
+        rows = list(csv.reader(f))
+    columns = [*GENERATION_COLUMNS, "model_name"]
+    rows[2][columns.index("n_tokens")], rows[2][columns.index("hit_limit")] = n_tokens, hit_limit
+    path = tmp_path / "rows.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    proc = ggufloop("report", "--db", str(tmp_path / "new.sqlite"), "--import-generations", str(path))
+    if imports:
+        assert proc.returncode == 0 and "imported 4 new generations" in proc.stderr, proc.stderr
+    else:
+        one_error(proc, "line 3: ")
+        one_error(proc, "hit_limit")
+
+
 def test_generations_of_an_earlier_decoding_version_import(generated, tmp_path):
     """Rows of GSM8K v1 (one sequence per decode; the same prompts and scoring) are records that import
     under their own key, which never stands in for v2's (the study's committed file holds such rows)."""

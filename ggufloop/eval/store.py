@@ -660,8 +660,10 @@ class GenerationChecker(RowChecker):
         )
         if not 0 <= shots_n <= gsm8k.N_EXEMPLARS or limit_n < 1 or not 0 <= n <= limit_n:
             raise RowError(f"shots {shots_n}, max_new_tokens {limit_n}, n_tokens {n} are out of range")
-        if hit_n not in (0, 1) or cs_n not in (0, 1) or cf_n not in (0, 1) or bool(hit_n) != (n == limit_n):
-            raise RowError("hit_limit and the scores are 0 or 1, and hit_limit says whether n_tokens reached the limit")
+        # an answer may end on its last allowed token (its stop token the limit-th): n_tokens at the limit
+        # without hit_limit is a record, hit_limit below the limit is not
+        if hit_n not in (0, 1) or cs_n not in (0, 1) or cf_n not in (0, 1) or (hit_n and n != limit_n):
+            raise RowError("hit_limit and the scores are 0 or 1, and hit_limit is 1 only where n_tokens is the limit")
         fmt = next((f for f in gsm8k.FORMATS.values() for v in gsm8k.KNOWN_VERSIONS if f.key(v) == prompt), None)
         if fmt is None:
             raise RowError(f"prompt format {prompt[:80]!r} is not one of gsm8k's")
