@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 GGUFLOOP_BACKEND ?= cpu
 export GGUFLOOP_BACKEND
+LM_EVAL_VENV ?= .venv-lm-eval
 # the plan and sampling of `make chat`, chosen from measurements (docs/chat-defaults.md)
 CHAT_PLAN ?= --loop 10:15x3 --mix uniform --temp 0
 
@@ -56,17 +57,17 @@ lint: backend
 	$(VENV)/bin/ruff check ggufloop tests patches
 	$(VENV)/bin/ruff format --check ggufloop tests patches
 
-test: lint models data
-	$(PY) -m pytest -q
+# every test but the 1.5B model's: lm-evaluation-harness's too, from its own venv (below)
+test: lint models data $(LM_EVAL_VENV)/.ready
+	LM_EVAL=$(LM_EVAL_VENV)/bin/lm_eval $(PY) -m pytest -q -m "not models_large"
 
 # without the packaged models and the benchmark data
 test-fast: lint
 	$(PY) -m pytest -q -m "not models and not data and not models_large and not lm_eval"
 
-# opt-in, not part of `make test`: lm-evaluation-harness in a venv of its own, torch 2.13.0 first (the CPU build
-# these machines hold; else lm-eval's dependency fetches a CUDA one of several GB), then its tests: lm-eval's gguf
-# model against `ggufloop serve` (about 2 minutes to install here)
-LM_EVAL_VENV ?= .venv-lm-eval
+# lm-evaluation-harness in a venv of its own, torch 2.13.0 first (the CPU build these machines hold; else
+# lm-eval's dependency fetches a CUDA one of several GB), about 2 minutes to install here; `make lm-eval` runs
+# only its tests (lm-eval's gguf and local-completions models against `ggufloop serve`), `make test` runs them too
 $(LM_EVAL_VENV)/.ready:
 	@$(QUIETLY) "lm-evaluation-harness 0.4.13 in $(LM_EVAL_VENV) (torch 2.13.0 first)" sh -c '$(PYTHON) -m venv $(LM_EVAL_VENV) && \
 		$(LM_EVAL_VENV)/bin/python -m pip install -q --upgrade pip && \

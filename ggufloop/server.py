@@ -38,8 +38,10 @@ with the BOS the model adds, is decoded in a side context of the model under the
 each echoed token gets the log-softmax of the row before it (the first token of a prompt without a
 BOS gets null); only that request's rows are computed, one at a time, and no logits matrix is kept.
 Generated tokens get the logits their generation sampled from. ``max_tokens: 0`` with ``echo`` only
-scores the prompt; with either, a prompt may be a list of token ids. ``logprobs`` or ``echo`` with
-``stream``, and ``logprobs`` on chat completions, are refused with a 400 naming the field.
+scores the prompt. A prompt may be a list of token ids, taken as it is (no BOS added). ``logprobs`` or
+``echo`` with ``stream``, and ``logprobs`` on chat completions, are refused with a 400 naming the field.
+vLLM's ``/tokenizer_info``, ``/tokenize`` (``add_special_tokens``) and ``/detokenize`` are served too:
+lm-evaluation-harness's ``local-completions`` model tokenizes through them (its remote tokenizer).
 
 This module imports FastAPI and llama.cpp; ``ggufloop.cli.serve`` imports it only when it runs.
 """
@@ -74,6 +76,7 @@ from llama_cpp.server.types import (
     DetokenizeInputRequest,
     TokenizeInputRequest,
 )
+from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -418,10 +421,31 @@ class PlanServer:
             elif hasattr(value, "model_dump"):
                 todo.append((where, value.model_dump()))
 
-    def tokenize(self, body: Any) -> list[int]:
-        """The token ids of a tokenize request's checked input (run it in a worker thread)."""
+    def tokenize(self, body: Any, text: str | None = None, add_special: bool = True) -> list[int]:
+        """The token ids of a tokenize request's checked text (``body.input`` unless ``text``), with
+        the BOS the model adds where ``add_special`` (run it in a worker thread)."""
         self.check_text(body)
-        return self.llm.tokenize(body.input.encode("utf-8"), special=True)
+        data = (body.input if text is None else text).encode("utf-8")
+        return self.llm.tokenize(data, add_bos=add_special, special=True)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What lm-evaluation-harness's remote tokenizer asks of a server (vLLM's ``/tokenizer_info``):
+        the special tokens as text, whether the model adds a BOS, the chat template, the context."""
+        llm = self.llm
+        vocab = llm._model.vocab
+
+        def text(token: int) -> str | None:
+            return _piece(vocab, token).decode("utf-8", "replace") if token >= 0 else None
+
+        return {
+            "tokenizer_class": "gguf",
+            "bos_token": text(llm.token_bos()),
+            "eos_token": text(llm.token_eos()),
+            "pad_token": None,
+            "add_bos_token": bool(llm._model.add_bos_token()),
+            "chat_template": llm.metadata.get("tokenizer.chat_template"),
+            "model_max_length": llm.n_ctx(),
+        }
 
     def check_tokens(self, tokens: list[int], param: str = "tokens") -> None:
         """Refuse token ids outside the vocabulary (llama.cpp would abort the process on them)."""
@@ -769,6 +793,25 @@ TokenizeRequest = _keeping_extras(TokenizeInputRequest)
 DetokenizeRequest = _keeping_extras(DetokenizeInputRequest)
 
 
+class _TextTokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize`` request, as lm-evaluation-harness's remote tokenizer sends it."""
+
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class _TokensDetokenizeRequest(BaseModel):
+    """vLLM's ``/detokenize`` request."""
+
+    tokens: list[int]
+    model: str | None = None
+
+
+TextTokenizeRequest = _keeping_extras(_TextTokenizeRequest)
+TokensDetokenizeRequest = _keeping_extras(_TokensDetokenizeRequest)
+
+
 def create_app(server: PlanServer) -> FastAPI:
     """The FastAPI app over a PlanServer: OpenAI's endpoints and llama-cpp-python's extras."""
     app = FastAPI(title="ggufloop", docs_url=None, redoc_url=None, openapi_url=None)
@@ -830,14 +873,7 @@ def create_app(server: PlanServer) -> FastAPI:
             if len(body.prompt) > 1:
                 raise ServeError(400, "one prompt per request", param="prompt")
             body.prompt = body.prompt[0] if body.prompt else ""
-        if isinstance(body.prompt, list):  # token ids
-            if body.logprobs is None and not body.echo:
-                raise ServeError(
-                    400,
-                    "prompt: token ids are accepted with logprobs or echo (as lm-eval's tokenized requests send "
-                    "them); to generate, send the prompt as text",
-                    param="prompt",
-                )
+        if isinstance(body.prompt, list):  # token ids, taken as they are (no BOS added), as OpenAI's API does
             server.check_tokens(body.prompt, "prompt")
         echo_only = body.echo and body.max_tokens == 0  # the prompt's log-likelihood, nothing generated
         kwargs = await run_in_threadpool(server.sampling_kwargs, body)
@@ -882,6 +918,36 @@ def create_app(server: PlanServer) -> FastAPI:
             return JSONResponse({"text": server.llm.detokenize(body.tokens).decode("utf-8", errors="replace")})
 
         return await run_in_threadpool(text)
+
+    # vLLM's tokenizer endpoints, which lm-evaluation-harness's local-completions model finds and uses
+    # (tokenizer_backend remote, its default where they answer): no Hugging Face tokenizer is needed
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        return await run_in_threadpool(lambda: JSONResponse(server.tokenizer_info()))
+
+    @app.post("/tokenize")
+    async def tokenize_text(body: TextTokenizeRequest) -> JSONResponse:
+        server.refuse_plan_fields(body.model_extra)
+        server.resolve(body.model)
+
+        def answer() -> JSONResponse:
+            tokens = server.tokenize(body, body.prompt, body.add_special_tokens)
+            return JSONResponse({"count": len(tokens), "max_model_len": server.llm.n_ctx(), "tokens": tokens})
+
+        return await run_in_threadpool(answer)
+
+    @app.post("/detokenize")
+    async def detokenize_tokens(body: TokensDetokenizeRequest) -> JSONResponse:
+        server.refuse_plan_fields(body.model_extra)
+        server.resolve(body.model)
+
+        def answer() -> JSONResponse:
+            server.check_text(body)
+            server.check_tokens(body.tokens)
+            return JSONResponse({"prompt": server.llm.detokenize(body.tokens).decode("utf-8", errors="replace")})
+
+        return await run_in_threadpool(answer)
 
     return app
 

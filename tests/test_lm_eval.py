@@ -17,12 +17,14 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 from test_hardening_server import call, still_answers
+from test_hardening_server import refused as refused_field
 from test_serve import ROOT, Server
 
 from ggufloop.eval.scoring import Scorer
@@ -284,7 +286,7 @@ def refused(srv: Server, path: str, body: dict, field: str, words: str) -> None:
         ("/completions", {"prompt": TEXT, "echo": True, "logprobs": 1, "suffix": "x"}, "suffix", "suffix with"),
         ("/completions", {"prompt": [1, 2, 9999], "echo": True, "logprobs": 1}, "prompt", "out of range"),
         ("/completions", {"prompt": [[1, 2], [3]], "logprobs": 1}, "prompt", "one prompt per request"),
-        ("/completions", {"prompt": [1, 2]}, "prompt", "send the prompt as text"),  # generation takes text
+        ("/completions", {"prompt": [1, 2, 9999]}, "prompt", "out of range"),  # generating from token ids too
         ("/completions", {"prompt": "", "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt", "empty"),
         ("/completions", {"prompt": [WORDS[0]] * 300, "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt", "300"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "w1"}], "logprobs": True}, "logprobs", "chat"),
@@ -300,6 +302,45 @@ def test_bad_logprobs_requests_are_a_400_naming_the_field(servers, references, p
     )
 
 
+@pytest.mark.parametrize("kind", ["bos", "nobos"])
+def test_the_tokenizer_endpoints_and_token_id_prompts(servers, tiny_paths, kind):
+    """vLLM's /tokenize (add_special_tokens), /detokenize and /tokenizer_info, as lm-eval's remote tokenizer
+    reads them, agree with the model's own tokenizer; a generation from a prompt's token ids (taken as
+    they are) is the generation from its text."""
+    srv = servers[kind]
+    llm = open_model(tiny_paths[kind])
+    try:
+        with_bos = llm.tokenize(TEXT.encode(), add_bos=True, special=True)
+        without = llm.tokenize(TEXT.encode(), add_bos=False, special=True)
+        eos = llm.detokenize([llm.token_eos()], special=True).decode()
+        spelled = llm.detokenize(without).decode()
+    finally:
+        llm.close()
+    assert (with_bos != without) == (kind == "bos")
+    for special, want in ((True, with_bos), (False, without)):
+        status, text = call(srv, "/tokenize", {"prompt": TEXT, "add_special_tokens": special}, base="/")
+        assert status == 200 and json.loads(text)["tokens"] == want, text
+    status, text = call(srv, "/detokenize", {"tokens": without}, base="/")
+    assert status == 200 and json.loads(text)["prompt"] == spelled and spelled.strip("▁ "), text
+    info = json.loads(urlopen_json(srv, "/tokenizer_info"))
+    assert info["eos_token"] == eos and info["add_bos_token"] == (kind == "bos") and info["model_max_length"] == N_CTX
+    refused_field(srv, "/tokenize", {"prompt": "\ud800"}, "prompt", base="/")
+    status, text = call(srv, "/detokenize", {"tokens": [10**6]}, base="/")
+    assert status == 400 and json.loads(text)["error"]["param"] == "tokens", text
+    for plan in ("none", "u"):
+        body = {**GREEDY, "model": f"llama@{plan}", "max_tokens": 8}
+        from_text = completion(srv, {**body, "prompt": TEXT})["choices"][0]["text"]
+        from_ids = completion(srv, {**body, "prompt": with_bos})["choices"][0]["text"]
+        assert from_ids == from_text and from_text, (plan, from_ids, from_text)
+
+
+def urlopen_json(srv: Server, path: str) -> str:
+    """The body of a GET at the server's root."""
+    req = urllib.request.Request(f"http://127.0.0.1:{srv.port}{path}", headers={"Authorization": f"Bearer {srv.key}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read().decode()
+
+
 def test_the_context_limit_for_an_echo_only_request(servers, references):
     """max_tokens 0 with echo needs no room for a generated token: a prompt of n_ctx tokens is scored."""
     answer = completion(servers["nobos"], {"prompt": [WORDS[0]] * N_CTX, "echo": True, "logprobs": 1, "max_tokens": 0})
@@ -313,9 +354,13 @@ def test_the_context_limit_for_an_echo_only_request(servers, references):
 
 
 def lm_eval_command() -> str | None:
-    """lm-eval's command: $LM_EVAL, else .venv-lm-eval's (make lm-eval), else one on the PATH."""
+    """lm-eval's command: $LM_EVAL (which must exist: `make test` sets it), else .venv-lm-eval's, else one
+    on the PATH."""
+    given = os.environ.get("LM_EVAL")
+    if given and not Path(given).exists():
+        pytest.fail(f"LM_EVAL is {given}, which does not exist")
     for candidate in (
-        os.environ.get("LM_EVAL"),
+        given,
         str(ROOT / ".venv-lm-eval" / "bin" / "lm_eval"),
         shutil.which("lm_eval"),
     ):
@@ -357,56 +402,66 @@ def _arc_files(tmp: Path) -> tuple[Path, list[Item]]:
     return tmp / "tasks", items
 
 
+def _lm_eval(backend: str, model_args: str, tasks: Path, task: str, out: Path) -> tuple[list[dict], float]:
+    """Run the real lm_eval on a local task; its per-sample records (sorted by doc_id) and the seconds it took."""
+    command = lm_eval_command()
+    if command is None:
+        pytest.skip("lm-eval is not installed: make lm-eval (a venv of its own, .venv-lm-eval), or set LM_EVAL")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = ["--model", backend, "--model_args", model_args, "--tasks", task, "--include_path", str(tasks)]
+    started = time.monotonic()
+    proc = subprocess.run(
+        [command, *args, "--log_samples", "--output_path", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    samples = sorted(out.rglob(f"samples_{task}_*.jsonl"))
+    assert samples, proc.stdout[-2000:]
+    got = [json.loads(line) for line in samples[-1].read_text().splitlines()]
+    return sorted(got, key=lambda s: s["doc_id"]), took
+
+
+def _base_url(srv: Server, backend: str) -> str:
+    """lm-eval's base_url: the server's root for `gguf`, the completions URL for `local-completions`."""
+    root = f"http://127.0.0.1:{srv.port}"
+    return root if backend == "gguf" else f"{root}/v1/completions"
+
+
 @pytest.mark.lm_eval
 @pytest.mark.models
 @pytest.mark.data
 @pytest.mark.parametrize(
-    "model, plan", [("smollm2-135m-instruct", "10:15x3/uniform"), ("gemma3-270m", "6:10x3/uniform")]
+    "backend, model, plan",
+    [
+        ("gguf", "smollm2-135m-instruct", "10:15x3/uniform"),
+        ("gguf", "gemma3-270m", "6:10x3/uniform"),
+        ("local-completions", "smollm2-135m-instruct", "10:15x3/uniform"),
+    ],
 )
-def test_lm_eval_gguf_scores_arc_easy_as_ggufloop_eval(tmp_path, model, plan):
-    """lm-eval's `gguf` model against `ggufloop serve` (its default plan looped): acc and acc_norm item by
-    item, and each choice's log-likelihood, equal ggufloop's Scorer on the same items (SmolLM2 adds no
-    BOS, Gemma 3 does)."""
-    command = lm_eval_command()
-    if command is None:
-        pytest.skip("lm-eval is not installed: make lm-eval (a venv of its own, .venv-lm-eval), or set LM_EVAL")
+def test_lm_eval_scores_arc_easy_as_ggufloop_eval(tmp_path, backend, model, plan):
+    """lm-eval's `gguf` and `local-completions` models against `ggufloop serve` (a looped plan: the
+    default for gguf, chosen by model id for local-completions):
+    acc and acc_norm item by item, and each choice's log-likelihood, equal ggufloop's Scorer on the same
+    items (SmolLM2 adds no BOS, Gemma 3 does). local-completions tokenizes through the server's
+    /tokenize (lm-eval's remote tokenizer) and sends token ids; a model that adds a BOS is scored there
+    without it (lm-eval asks for no special tokens), which test_local_completions_on_a_bos_model checks."""
     from ggufloop.eval.scoring import accuracy
     from ggufloop.models import resolve
 
     path = resolve(model)
     tasks, items = _arc_files(tmp_path)
-    srv = Server(path, "--loop", plan, "-c", "1024", "-t", "2", key=None)  # lm-eval's gguf model sends no key
+    # gguf sends no model field: the server's default plan; local-completions names the plan's id
+    served = ["--loop", plan] if backend == "gguf" else [f"--plan=u={plan}"]
+    srv = Server(path, *served, "-c", "1024", "-t", "2", key=None)  # lm-eval sends no key by default
     try:
-        started = time.monotonic()
-        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(
-            [
-                command,
-                "--model",
-                "gguf",
-                "--model_args",
-                f"base_url=http://127.0.0.1:{srv.port}",
-                "--tasks",
-                "arc_easy_local",
-                "--include_path",
-                str(tasks),
-                "--log_samples",
-                "--output_path",
-                str(tmp_path / "out"),
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=1800,
-        )
-        took = time.monotonic() - started
+        args = f"base_url={_base_url(srv, backend)}" + ("" if backend == "gguf" else f",model={path.stem}@u")
+        got, took = _lm_eval(backend, args, tasks, "arc_easy_local", tmp_path / "out")
     finally:
         srv.close()
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    samples = sorted((tmp_path / "out").rglob("samples_arc_easy_local_*.jsonl"))
-    assert samples, proc.stdout[-2000:]
-    got = [json.loads(line) for line in samples[-1].read_text().splitlines()]
-    got.sort(key=lambda s: s["doc_id"])
     assert len(got) == ARC_ITEMS
     scorer = Scorer(str(path), plan, n_ctx=1024, threads=2)
     try:
@@ -427,6 +482,97 @@ def test_lm_eval_gguf_scores_arc_easy_as_ggufloop_eval(tmp_path, model, plan):
             margins = [sorted(v)[-1] - sorted(v)[-2] for v in (want, [x / n for x, n in zip(want, norm)])]
             assert min(margins) <= 2 * noise, (item.id, lls, want)
             flips += 1
-    print(
-        f"{model}: lm-eval gguf, {ARC_ITEMS} ARC-Easy items in {took:.1f} s; {flips} flipped by ggufloop eval's noise"
+    print(f"{model}: lm-eval {backend}, {ARC_ITEMS} ARC-Easy items in {took:.1f} s; {flips} flipped by eval's noise")
+
+
+@pytest.mark.lm_eval
+@pytest.mark.models
+@pytest.mark.data
+def test_local_completions_on_a_bos_model_scores_the_tokens_it_sends(tmp_path):
+    """On Gemma 3, whose tokenizer adds a BOS, lm-eval's remote tokenizer asks /tokenize for no special
+    tokens, so local-completions sends each request's token ids without the BOS (as it does to vLLM);
+    the server scores exactly those ids: every choice's log-likelihood equals a numpy log-softmax over
+    a fresh forward pass of the BOS-less tokens, split as lm-eval splits context and continuation."""
+    from ggufloop.models import resolve
+
+    model, plan = "gemma3-270m", "6:10x3/uniform"
+    path = resolve(model)
+    tasks, items = _arc_files(tmp_path)
+    srv = Server(path, "--loop", plan, "-c", "1024", "-t", "2", key=None)
+    try:
+        backend = "local-completions"
+        got, _ = _lm_eval(backend, f"base_url={_base_url(srv, backend)}", tasks, "arc_easy_local", tmp_path / "out")
+    finally:
+        srv.close()
+    # the server's F16 KV cache (llama.cpp's default): without its BOS, Gemma 3's log-likelihoods move by
+    # up to 1.2 nats between an F16 and an F32 cache (measured on these items; with the BOS, 5e-5)
+    llm = open_model(path, plan, n_ctx=256, type_k=1, type_v=1)
+    try:
+        for sample, item in zip(got, items):
+            want = []
+            for context, continuation in item.requests():
+                ctx = llm.tokenize(context.encode(), add_bos=False, special=True)
+                whole = llm.tokenize((context + continuation).encode(), add_bos=False, special=True)
+                rows = log_softmax(eval_logits(llm, whole))
+                want.append(sum(float(rows[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
+            lm_lls = [float(ll) for ll, _ in sample["filtered_resps"]]
+            assert lm_lls == pytest.approx(want, abs=1e-3), (item.id, lm_lls, want)
+    finally:
+        llm.close()
+
+
+GSM8K_ITEMS, GSM8K_TOKENS = 6, 64
+
+
+@pytest.mark.lm_eval
+@pytest.mark.models
+@pytest.mark.data
+def test_lm_eval_generation_equals_ggufloops_gsm8k(tmp_path):
+    """GSM8K through lm-eval's local-completions (generate_until: token-id prompts, stop sequences,
+    max_gen_toks, repeat_penalty 1.0 in the task's generation kwargs) against `ggufloop serve` under a
+    plan gives, item by item, the text ggufloop's own GSM8K generator gives for the same prompts (its
+    plain format, 8 exemplars). On SmolLM2 a row's logits do not depend on the batch's row count
+    (docs/generation.md), so the server's one-row steps and the generator's eight-row ones agree."""
+    from ggufloop.eval import gsm8k
+    from ggufloop.models import resolve
+
+    model, plan = "smollm2-135m-instruct", "10:15x3/uniform"
+    path = resolve(model)
+    fmt = gsm8k.FORMATS["plain"]
+    gen = gsm8k.Generator(path, plan, threads=2)
+    try:
+        prompts = gsm8k.Prompts(gen.llm, fmt)
+        items = gsm8k.problems(GSM8K_ITEMS)
+        texts = [prompts.text(p.question) for p in items]
+        gen.set_prefix(prompts.prefix)
+        want = dict(
+            gen.generate_batch([(i, prompts.tokens(p.question)) for i, p in enumerate(items)], GSM8K_TOKENS, fmt.stops)
+        )
+    finally:
+        gen.close()
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t, "answer": p.gold}) + "\n" for t, p in zip(texts, items)))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "gsm8k_local.yaml").write_text(
+        "task: gsm8k_local\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+        f"generation_kwargs:\n  until: {json.dumps(list(fmt.stops))}\n  do_sample: false\n  temperature: 0.0\n"
+        f"  max_gen_toks: {GSM8K_TOKENS}\n  repeat_penalty: 1.0\n"
+        "metric_list:\n  - {metric: exact_match, aggregation: mean, higher_is_better: true}\n"
+        "metadata: {version: 1.0}\n"
     )
+    srv = Server(path, "--loop", plan, "-c", "2048", "-t", "2", key=None)
+    try:
+        backend = "local-completions"
+        got, took = _lm_eval(
+            backend, f"base_url={_base_url(srv, backend)}", tmp_path / "tasks", "gsm8k_local", tmp_path / "out"
+        )
+    finally:
+        srv.close()
+    assert len(got) == GSM8K_ITEMS
+    for sample in got:
+        assert sample["resps"][0][0] == want[sample["doc_id"]].text, sample["doc_id"]
+    assert any(w.text.strip() for w in want.values())  # the answers say something
+    print(f"{model}: lm-eval {backend}, {GSM8K_ITEMS} GSM8K items ({GSM8K_TOKENS} tokens at most) in {took:.1f} s")

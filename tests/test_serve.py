@@ -346,7 +346,12 @@ def test_an_invalid_grammar_is_refused_and_the_server_lives(server, grammar):
 
 
 def test_validation_errors_are_4xx_without_server_paths(server):
-    for body in ({"prompt": PROMPT, "max_tokens": "many"}, {"prompt": 42}, {"messages": "hello"}, {"prompt": [1, 2]}):
+    for body in (
+        {"prompt": PROMPT, "max_tokens": "many"},
+        {"prompt": 42},
+        {"messages": "hello"},
+        {"prompt": [{"a": 1}]},
+    ):
         path = "/chat/completions" if "messages" in body else "/completions"
         status, reply = server.post(path, body)
         text = json.dumps(reply)
