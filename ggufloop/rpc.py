@@ -464,11 +464,6 @@ def install_abort_handler(endpoints: Sequence[Endpoint]) -> None:
 
 def server_binary() -> Path:
     """llama.cpp's rpc-server, built with the installed backend (next to its libraries)."""
-    import llama_cpp
+    from .tools import program
 
-    lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
-    for name in ("ggml-rpc-server", "ggml-rpc-server.exe", "rpc-server"):
-        path = lib_dir / name
-        if path.is_file():
-            return path
-    raise BackendError(f"the installed backend has no rpc-server (looked in {lib_dir}): rebuild it with `make backend`")
+    return program("rpc-server")

@@ -42,7 +42,7 @@ COMMON_FLAGS = [
     "-DGGML_RPC=ON",
     "-DGGML_RPC_RDMA=OFF",
 ]
-# builds llama.cpp's rpc-server and llama-perplexity in the same CMake build and puts them into the
+# builds rpc-server and some of llama.cpp's programs (llama-perplexity, ...) in the same CMake build, into the
 # wheel (see the file); passed by content in the cache key, by path to CMake
 TOOLS_HOOK = PATCHES / "tools.cmake"
 # ggml's AMX kernels (picked by -march=native on Sapphire Rapids and later) die with SIGILL where the

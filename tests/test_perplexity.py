@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -317,28 +316,10 @@ KLD_TOL, LN_TOL, DP_TOL_PCT = 2.5e-4, 2.5e-4, 0.03
 
 
 def parse_llama_perplexity(out: str) -> dict:
-    def num(label: str) -> float:
-        m = re.search(re.escape(label) + r"\s*:\s*(-?[\d.]+)", out)
-        assert m, f"{label} not in llama-perplexity's output:\n{out[-3000:]}"
-        return float(m.group(1))
-
-    return {
-        "ppl": num("Mean PPL(Q)"),
-        "ppl_base": num("Mean PPL(base)"),
-        "ln_ratio": num("Mean ln(PPL(Q)/PPL(base))"),
-        "kld_mean": num("Mean    KLD"),
-        "kld_max": num("Maximum KLD"),
-        "kld_p99.9": num("99.9%   KLD"),
-        "kld_p99": num("99.0%   KLD"),
-        "kld_p95": num("95.0%   KLD"),
-        "kld_p90": num("90.0%   KLD"),
-        "kld_median": num("Median  KLD"),
-        "dp_mean": num("Mean    Δp") / 100,
-        "dp_rms": num("RMS Δp    ") / 100,
-        "dp_p1": num(" 1.0%   Δp") / 100,
-        "dp_p99": num("99.0%   Δp") / 100,
-        "same_top": num("Same top p") / 100,
-    }
+    try:
+        return ppl.read_llama_perplexity(out)
+    except ValueError as err:
+        raise AssertionError(f"{err}:\n{out[-3000:]}") from None
 
 
 @pytest.mark.models

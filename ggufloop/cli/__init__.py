@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-scoring": ("bench_scoring", "Speed of benchmark scoring against one pass per choice."),
     "bench-generation": ("bench_generation", "Throughput of batched GSM8K generation, 1-16 prompts per step."),
     "perplexity": ("perplexity", "How far a plan moves the model: PPL and KL divergence, as llama-perplexity."),
+    "tools": ("tools", "Where llama.cpp's own programs are, and a plan as their --override-kv arguments."),
 }
 
 

@@ -97,17 +97,47 @@ class PerplexityConfig:
 def llama_perplexity_binary() -> Path:
     """llama.cpp's own llama-perplexity, built from the patched tree with the installed backend and shipped
     next to its libraries (patches/tools.cmake), as rpc-server is: it takes a plan as ``--override-kv``."""
-    import llama_cpp
+    from ..tools import program
 
-    from ..errors import BackendError
+    return program("llama-perplexity")
 
-    lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
-    for name in ("llama-perplexity", "llama-perplexity.exe"):
-        if (lib_dir / name).is_file():
-            return lib_dir / name
-    raise BackendError(
-        f"the installed backend has no llama-perplexity (looked in {lib_dir}): rebuild it with `make backend`"
-    )
+
+# llama-perplexity's report lines (its KL-divergence statistics), as read_llama_perplexity reads them
+_LLAMA_PERPLEXITY_LINES = {
+    "ppl": "Mean PPL(Q)",
+    "ppl_base": "Mean PPL(base)",
+    "ln_ratio": "Mean ln(PPL(Q)/PPL(base))",
+    "kld_mean": "Mean    KLD",
+    "kld_max": "Maximum KLD",
+    "kld_p99.9": "99.9%   KLD",
+    "kld_p99": "99.0%   KLD",
+    "kld_p95": "95.0%   KLD",
+    "kld_p90": "90.0%   KLD",
+    "kld_median": "Median  KLD",
+    "dp_mean": "Mean    Δp",
+    "dp_rms": "RMS Δp    ",
+    "dp_p1": " 1.0%   Δp",
+    "dp_p99": "99.0%   Δp",
+    "same_top": "Same top p",
+}
+
+
+def read_llama_perplexity(out: str) -> dict[str, float]:
+    """llama-perplexity --kl-divergence's statistics from its output, named as ``statistics`` names them
+    (flat: kld_mean, dp_rms, ...; the percentages as fractions), with the standard errors it prints
+    (``*_se``) where it prints one. ValueError names a line it did not print."""
+    import re
+
+    got: dict[str, float] = {}
+    for key, label in _LLAMA_PERPLEXITY_LINES.items():
+        m = re.search(re.escape(label) + r"\s*:\s*(-?[\d.]+)(?:\s*±\s*([\d.]+))?", out)
+        if m is None:
+            raise ValueError(f"{label.strip()!r} is not in llama-perplexity's output")
+        scale = 0.01 if key.startswith("dp_") or key == "same_top" else 1.0
+        got[key] = float(m.group(1)) * scale
+        if m.group(2) is not None:
+            got[f"{key}_se"] = float(m.group(2)) * scale
+    return got
 
 
 # -- texts ------------------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""llama.cpp's own programs from the patched tree (issue 26, item 4), each run with a plan as a user runs it:
+llama-completion with the plan as --override-kv against a greedy decode of LoopedLlama, llama-bench on a
+file with the plan baked in (it takes no overrides; one KV slot per pass shows that the plan ran),
+llama-quantize requantizing a model that then loops. llama-perplexity's test is in test_perplexity."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ggufloop import LoopedLlama, LoopPlan, tools
+from ggufloop.cli import main
+
+from conftest import PROMPT, eval_logits, open_model
+
+
+def overrides(plan: str) -> list[str]:
+    """The plan as the programs' arguments, as `ggufloop tools --loop PLAN` prints them."""
+    run = CliRunner().invoke(main, ["tools", "--loop", plan])
+    assert run.exit_code == 0, run.output
+    args = run.output.split()
+    assert args == [a for kv in LoopPlan.parse(plan).override_strings() for a in ("--override-kv", kv)]
+    return args
+
+
+def test_every_program_is_built_and_listed():
+    run = CliRunner().invoke(main, ["tools"])
+    assert run.exit_code == 0, run.output
+    for name in tools.PROGRAMS:
+        line = next(line for line in run.output.splitlines() if line.startswith(name + " "))
+        path = Path(line.split()[1])
+        assert path.is_file() and path == tools.program(name), line
+        proc = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=60)
+        assert "usage" in (proc.stdout + proc.stderr).lower(), (name, proc.stderr[-500:])
+    one = CliRunner().invoke(main, ["tools", "llama-bench"])
+    assert one.exit_code == 0 and one.output.strip() == str(tools.program("llama-bench"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nope"], "unknown program 'nope'"),
+        (["llama-bench", "--loop", "1:3x2"], "not both"),
+        (["--loop", "1:3x2", "--mix", "weights:[[1,0],[0,1]]"], "bake it into the file"),
+    ],
+)
+def test_tools_refusals_are_one_line(args, message):
+    run = CliRunner().invoke(main, ["tools", *args])
+    assert run.exit_code == 1 and run.output.count("error:") == 1 and message in run.output, run.output
+
+
+def greedy(path: Path, plan: str | None, prompt: str, n: int) -> str:
+    """A greedy continuation decoded token by token by LoopedLlama (its F16 KV cache, as llama.cpp's)."""
+    llm = LoopedLlama(str(path), loop=LoopPlan.parse(plan), n_ctx=256, n_threads=2, n_threads_batch=2, verbose=False)
+    try:
+        tokens = llm.tokenize(prompt.encode(), add_bos=True, special=False)
+        llm.eval(tokens)
+        out: list[int] = []
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        for _ in range(n):
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            token = int(np.argmax(row))
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            out.append(token)
+            llm.eval([token])
+        return llm.detokenize(out).decode("utf-8", "replace")
+    finally:
+        llm.close()
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("plan", [None, "10:15x3/uniform", "8:14x2"])
+def test_llama_completion_runs_a_plan_as_looped_llama_does(plan):
+    """Greedy, with flash attention off as llama-cpp-python has it (llama.cpp's programs turn it on where
+    the backend has it, which moves logits by rounding: under 8:14x2 that flips a 0.03 margin)."""
+    from ggufloop.models import resolve
+
+    path, prompt, n = resolve("smollm2-135m-instruct"), "The capital of France is", 24
+    cmd = [str(tools.program("llama-completion")), "-m", str(path), "-no-cnv", "--no-display-prompt", "-n", str(n)]
+    cmd += ["--temp", "0", "-t", "2", "-c", "256", "-fa", "off", "-p", prompt, *(overrides(plan) if plan else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = re.sub(r" \[end of text\]\s*$", "", proc.stdout).rstrip("\n")  # how it marks an end-of-generation token
+    want = greedy(path, plan, prompt, n)
+    assert got == want and len(want) > 20, (got, want)
+    if plan:
+        assert want != greedy(path, None, prompt, n)  # the plan changes the answer: the overrides took effect
+
+
+def kv_layers(log: str) -> int:
+    """How many KV slots llama.cpp allocated, from its verbose log."""
+    return len(set(re.findall(r"llama_kv_cache: layer +(\d+):", log)))
+
+
+def test_llama_bench_reports_a_baked_plan(tiny_models, tmp_path):
+    """llama-bench takes no metadata overrides: the plan is baked into a copy of the file. Both files in
+    one run give pp and tg rows; the baked one allocates one KV slot per pass (6 layers + 2 x 2)."""
+    path = tiny_models["llama"][2]
+    baked = tmp_path / "baked.gguf"
+    run = CliRunner().invoke(main, ["bake", str(path), "--loop", "2:4x3/uniform", "-o", str(baked)])
+    assert run.exit_code == 0, run.output
+    bench = str(tools.program("llama-bench"))
+    proc = subprocess.run(
+        [bench, "-m", str(path), "-m", str(baked), "-p", "16", "-n", "4", "-r", "1", "-t", "1", "-o", "json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    got = {(Path(r["model_filename"]).name, r["n_prompt"], r["n_gen"]) for r in rows if r["avg_ts"] > 0}
+    assert got == {(f, p, g) for f in (path.name, "baked.gguf") for p, g in ((16, 0), (0, 4))}, rows
+    logs = [
+        subprocess.run([bench, "-m", str(m), "-p", "8", "-n", "0", "-r", "1", "-t", "1", "-v"],
+                       capture_output=True, text=True, timeout=300).stderr
+        for m in (path, baked)
+    ]  # fmt: skip
+    assert [kv_layers(log) for log in logs] == [6, 6 + 2 * 2], [log[-2000:] for log in logs]
+
+
+def test_llama_quantize_requantizes_a_model_that_then_loops(tiny_models, tmp_path):
+    """The tiny F32 model to Q8_0: the file is smaller, its weights Q8_0, and under a plan its logits are
+    those of the F32 file within Q8_0's rounding (and not equal: it was quantized)."""
+    import gguf
+
+    path = tiny_models["llama"][2]
+    q8 = tmp_path / "q8.gguf"
+    proc = subprocess.run(
+        [str(tools.program("llama-quantize")), "--allow-requantize", str(path), str(q8), "Q8_0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = {
+        t.tensor_type.name for t in gguf.GGUFReader(q8).tensors if len(t.shape) == 2 and "token_embd" not in t.name
+    }
+    assert "Q8_0" in kinds and q8.stat().st_size < path.stat().st_size / 2, kinds
+    plan = "2:4x3/uniform"
+    ref, got = (eval_logits(llm, PROMPT) for llm in (open_model(path, plan), open_model(q8, plan)))
+    scale = np.abs(ref).max()
+    assert 0 < np.abs(got - ref).max() < 0.05 * scale, np.abs(got - ref).max() / scale
