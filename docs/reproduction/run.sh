@@ -103,18 +103,25 @@ heldout() {  # per model, the plan tune selects among naive and uniform blocks, 
 }
 
 gsm8k() {  # GSM8K test (1,319 items; 8-shot chain of thought through the chat template, greedy, 256 new tokens)
-    # step 1 of docs/reproduction.md §5: Qwen2.5-Coder-0.5B-Instruct unlooped and under the two plans the
-    # multiple-choice study selected for it (§2), full decoding, then decode bypass; steps of items, so that the
-    # answers reach git as they finish and a killed run loses at most one step
-    local plan limit name model=qwen2.5-coder-0.5b-instruct
+    # docs/reproduction.md §5: steps of (model, plan, items) in priority order, each paired against the unlooped
+    # model on the same items, so that the answers reach git as they finish and a killed run loses at most one
+    # step's unfinished answers (a step already done costs nothing: its rows are read back). The 1.5B model comes
+    # in early with the 0.5B's first plan, its block rescaled to 28 layers (11:14 of 24 -> 13:16).
+    local step model plan limit name
     mkdir -p $OUT/gsm8k
-    for plan in 11:14x3/uniform 15:19x3/uniform 11:14x3/uniform@bypass 15:19x3/uniform@bypass; do
+    for step in \
+        qwen2.5-coder-0.5b-instruct,11:14x3/uniform,400 qwen2.5-coder-1.5b-instruct,13:16x3/uniform,100 \
+        qwen2.5-coder-0.5b-instruct,11:14x3/uniform,800 qwen2.5-coder-1.5b-instruct,13:16x3/uniform,200 \
+        qwen2.5-coder-0.5b-instruct,11:14x3/uniform,1319 qwen2.5-coder-1.5b-instruct,13:16x3/uniform,400 \
+        qwen2.5-coder-0.5b-instruct,15:19x3/uniform,400 qwen2.5-coder-0.5b-instruct,11:14x3/uniform@bypass,400 \
+        qwen2.5-coder-0.5b-instruct,15:19x3/uniform,1319 qwen2.5-coder-1.5b-instruct,13:16x3/uniform,1319 \
+        qwen2.5-coder-0.5b-instruct,11:14x3/uniform@bypass,1319 qwen2.5-coder-0.5b-instruct,15:19x3/uniform@bypass,1319
+    do
+        IFS=, read -r model plan limit <<< "$step"
         name=$OUT/gsm8k/eval-$model-$(echo "$plan" | tr ':/@' '___')
-        for limit in 100 200 400 800 1319; do
-            "$G" eval $model --tasks gsm8k --loop $plan --limit $limit -t $T --db "$DB" --json $name.json > $name.txt
-            sync_rows
-            "${PYTHON:-.venv/bin/python}" $OUT/gsm8k.py --db "$DB" > $OUT/gsm8k/summary.md
-        done
+        "$G" eval $model --tasks gsm8k --loop $plan --limit $limit -t $T --db "$DB" --json $name.json > $name.txt
+        sync_rows
+        "${PYTHON:-.venv/bin/python}" $OUT/gsm8k.py --db "$DB" > $OUT/gsm8k/summary.md
     done
 }
 
