@@ -168,6 +168,7 @@ def test_tune_refuses_bad_settings_with_one_line(tiny_models, tmp_path):
         (["--time-limit", "soon"], "bad duration"),
         (["--time-limit", "0s"], "must be positive"),
         (["--time-limit", "1m", "--grid"], "applies to successive halving"),
+        (["--tasks", "gsm8k", "--rank", "margin"], "no log-likelihood margin"),
     ]:
         proc = subprocess.run(
             [
@@ -190,3 +191,38 @@ def test_tune_refuses_bad_settings_with_one_line(tiny_models, tmp_path):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, (extra, proc.stderr)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], (extra, proc.stderr)
+
+
+def test_tune_ranks_by_margin_as_the_stored_rows_give(tiny_models, tmp_path):
+    """--rank margin --grid: the ranking is the candidates sorted by their paired margin difference
+    against the unlooped model (correct choice's log-likelihood minus the best wrong one's), macro-averaged
+    over the tasks' search items, recomputed here from the rows in the database (ties: candidate order)."""
+    db, out = tmp_path / "m.sqlite", tmp_path / "m.json"
+    args = tune_args(tiny_models["llama"][2], db, out)
+    args[args.index("--limit") + 1] = "16"
+    proc = subprocess.run([*args, "--grid", "--rank", "margin"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["search"]["rank"] == "margin"
+    con = sqlite3.connect(db)
+
+    def margins(task: str, plan: str) -> dict[str, float]:
+        got = {}
+        for item, lls, gold in con.execute("SELECT item, lls, gold FROM results WHERE task=? AND plan=?", (task, plan)):
+            values = json.loads(lls)
+            got[item] = values[gold] - max(v for k, v in enumerate(values) if k != gold)
+        return got
+
+    tasks = ("piqa", "arc_easy")
+    search = {t: res["split"]["items"][t]["search"] for t in tasks}
+    base = {t: margins(t, "none") for t in tasks}
+    cands = list(res["search"]["scores"])  # in the order the candidates were given
+
+    def diff(plan: str) -> float:
+        mine = {t: margins(t, plan) for t in tasks}
+        return sum(sum(mine[t][i] - base[t][i] for i in search[t]) / len(search[t]) for t in tasks) / len(tasks)
+
+    want = sorted(cands, key=lambda p: (-round(diff(p), 9), cands.index(p)))
+    assert res["search"]["ranking"] == want
+    assert [res["search"]["scores"][p][0]["margin_diff"] for p in cands] == pytest.approx([diff(p) for p in cands])
+    assert len({round(diff(p), 6) for p in cands}) > 3  # the ranking is decided by the margins, not by ties

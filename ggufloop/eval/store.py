@@ -279,6 +279,17 @@ class Store:
             )
         }
 
+    def margins(self, unit: Unit, items: Iterable[str]) -> dict[str, float]:
+        """item -> the correct choice's log-likelihood minus the best wrong one's (positive exactly when
+        the row is correct, as ``correct`` judges it), for the unit's stored rows among ``items``."""
+        wanted, out = set(items), {}
+        query = "SELECT item, lls, gold FROM results WHERE model=? AND task=? AND shots=? AND prompt=? AND plan=?"
+        for item, lls, gold in self.db.execute(query, unit.key()):
+            if item in wanted:
+                values = json.loads(lls)
+                out[item] = values[gold] - max(v for k, v in enumerate(values) if k != gold)
+        return out
+
     # -- generations (generative tasks) --------------------------------------------------------
 
     def generated(self, unit: Unit, max_new_tokens: int) -> set[str]:

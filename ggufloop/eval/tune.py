@@ -10,7 +10,7 @@ resumes and nothing is scored twice, across runs and across tune, eval and sweep
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +21,8 @@ from . import search
 from .cluster import Executor, Request, open_executor
 from .store import Store
 from .sweep import block_ranges
-from .tasks import FewshotPool, Task
+from .tasks import FewshotPool, Task, resolve_tasks
+from .units import unit_for
 
 if TYPE_CHECKING:
     from .cluster import ClusterConfig
@@ -145,6 +146,7 @@ class TuneResult:
                 "budget": self.halving.budget,
                 "time_limit_s": self.time_limit,
                 "seed": self.halving.seed,
+                "rank": self.halving.rank,
                 "stop_reason": self.result.stop_reason,
                 "evaluations": self.result.evaluations,
                 "grid_evaluations": self.grid_evaluations,
@@ -161,7 +163,14 @@ class TuneResult:
                 ],
                 "scores": {
                     c: [
-                        {"rung": s.rung, "n": s.n, "acc": s.acc, "base_acc": s.base_acc, "diff": s.diff}
+                        {
+                            "rung": s.rung,
+                            "n": s.n,
+                            "acc": s.acc,
+                            "base_acc": s.base_acc,
+                            "diff": s.diff,
+                            **({} if s.margin_diff is None else {"margin_diff": s.margin_diff}),
+                        }
                         for s in self.result.scores[c]
                     ]
                     for c in self.result.scores
@@ -297,12 +306,17 @@ def tune(
         executor.run([request(*a) for a in asked], progress)
 
     batch = prefetch if cluster else None  # one process scores one plan at a time: no gain from batching
+    margin = _margins(store, sha, list(setup.splits), shots, setup.pools) if halving.rank == "margin" else None
     try:
         search_items = search.search_ids(setup.splits)
         if grid:
-            result = search.full_grid(plans, search_items, score, top_k=halving.top_k, prefetch=batch)
+            result = search.full_grid(
+                plans, search_items, score, top_k=halving.top_k, prefetch=batch, rank=halving.rank, margin=margin
+            )
         else:
-            result = search.successive_halving(plans, search_items, score, halving, prefetch=batch, go_on=go_on)
+            result = search.successive_halving(
+                plans, search_items, score, halving, prefetch=batch, go_on=go_on, margin=margin
+            )
         held = search.heldout_ids(setup.splits)
         finalists = (search.BASELINE, *result.finalists)
         if batch:
@@ -351,10 +365,24 @@ def _prefilter(
         rows = executor.run([req], progress)[0]
         return {i: rows[i][0] for i in item_ids}
 
+    margin = _margins(store, sha, list(setup.splits), shots, setup.pools) if setup.halving.rank == "margin" else None
     try:
         result = search.successive_halving(
-            setup.plans, search.search_ids(setup.splits), score, setup.halving, go_on=go_on
+            setup.plans, search.search_ids(setup.splits), score, setup.halving, go_on=go_on, margin=margin
         )
     finally:
         executor.close()
     return PrefilterResult(sorted(setup.splits), setup, result)
+
+
+def _margins(
+    store: Store, sha: str, names: Sequence[str], shots: int | None, pools: Mapping[str, FewshotPool]
+) -> search.MarginFn:
+    """The search's margin function over multiple-choice tasks: each scored row's margin, read from the
+    store where the executor has just written it."""
+    by_name = {name: resolve_tasks(name)[0] for name in names}
+
+    def margin(plan: Hashable, task: str, item_ids: list[str]) -> Mapping[str, float]:
+        return store.margins(unit_for(sha, by_name[task], shots, str(plan), pools[task]), item_ids)
+
+    return margin
