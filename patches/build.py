@@ -45,10 +45,45 @@ COMMON_FLAGS = [
 # builds rpc-server and some of llama.cpp's programs (llama-perplexity, ...) in the same CMake build, into the
 # wheel (see the file); passed by content in the cache key, by path to CMake
 TOOLS_HOOK = PATCHES / "tools.cmake"
+# CUDA: the GPU architectures compiled for (GGUFLOOP_CUDA_ARCHS, CMake's list): Hopper (the H200),
+# Ada and Ampere consumer cards by default; "native" where the build machine has a GPU
+CUDA_ARCHS = "90;89;86"
+# CUDA 13.0's cuBLAS (headers and libraries, under nvidia/cu13/), for a toolkit installed without it
+CUBLAS_WHEEL = "nvidia-cublas==13.0.2.14"
 # ggml's AMX kernels (picked by -march=native on Sapphire Rapids and later) die with SIGILL where the
 # OS or hypervisor does not enable AMX tiles, as on the machines this project is tested on
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 X86_FLAGS = [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
+
+
+def cuda_flags(cache: Path) -> list[str]:
+    """The CMake flags of a CUDA build: the architectures, and cuBLAS from CUBLAS_WHEEL (installed into
+    the cache) when the toolkit that nvcc belongs to has none."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        fail("the cuda backend needs nvcc on the PATH (the CUDA toolkit)")
+    flags = [f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('GGUFLOOP_CUDA_ARCHS', CUDA_ARCHS)}"]
+    toolkit = Path(nvcc).resolve().parent.parent
+    places = [toolkit / "lib64" / "stubs", *toolkit.glob("targets/*/lib/stubs"), Path("/usr/lib/x86_64-linux-gnu")]
+    places += [Path("/usr/lib64"), Path("/usr/lib")]
+    if not any(next(p.glob("libcuda.so*"), None) for p in places):
+        # no driver library and no stub to link ggml's virtual-memory pool against (a machine without a GPU):
+        # build without it, as ggml allows; a GPU machine's build keeps it
+        print("build: no libcuda.so (driver or stub): building with GGML_CUDA_NO_VMM", flush=True)
+        flags.append("-DGGML_CUDA_NO_VMM=ON")
+    if any(toolkit.glob("lib*/libcublas.so*")) or any(toolkit.glob("targets/*/lib/libcublas.so*")):
+        return flags
+    root = cache / "cublas" / CUBLAS_WHEEL.replace("==", "-")
+    lib, include = root / "nvidia" / "cu13" / "lib", root / "nvidia" / "cu13" / "include"
+    if not (lib / "libcublas.so.13").exists():
+        print(f"build: the CUDA toolkit in {toolkit} has no cuBLAS; installing {CUBLAS_WHEEL} into {root}", flush=True)
+        run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(root), CUBLAS_WHEEL])
+    return flags + [
+        f"-DCUDA_cublas_LIBRARY={lib / 'libcublas.so.13'}",
+        f"-DCUDA_cublasLt_LIBRARY={lib / 'libcublasLt.so.13'}",
+        f"-DCMAKE_CUDA_FLAGS=-I{include}",
+        f"-DCMAKE_BUILD_RPATH={lib}",
+    ]
 
 
 def fail(msg: str) -> None:
@@ -177,6 +212,8 @@ def main() -> None:
         fail(f"no patches (NNNN-name.patch) in {PATCHES}")
     patches = [] if args.stock else [(p.name, p.read_bytes()) for p in series()]
     flags = COMMON_FLAGS + BACKEND_FLAGS[args.backend]
+    if args.backend == "cuda":
+        flags += cuda_flags(args.cache)
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += X86_FLAGS
     key = cache_key(patches, args.backend, flags)
@@ -190,7 +227,11 @@ def main() -> None:
             flush=True,
         )
         wheel = build_wheel(
-            sdist, patches, flags, wheels, ROOT / "build" / f"src-{'stock' if args.stock else 'ggufloop'}"
+            sdist,
+            patches,
+            flags,
+            wheels,
+            ROOT / "build" / f"src-{'stock' if args.stock else 'ggufloop'}-{args.backend}",
         )
     else:
         print(f"build: using cached wheel {wheel}")
