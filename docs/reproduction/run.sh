@@ -119,7 +119,9 @@ gsm8k() {  # GSM8K test (1,319 items; 8-shot chain of thought through the chat t
     do
         IFS=, read -r model plan limit <<< "$step"
         name=$OUT/gsm8k/eval-$model-$(echo "$plan" | tr ':/@' '___')
-        "$G" eval $model --tasks gsm8k --loop $plan --limit $limit -t $T --db "$DB" --json $name.json > $name.txt
+        # written beside and renamed at the end, so that a rung under way leaves the last rung's table in place
+        "$G" eval $model --tasks gsm8k --loop $plan --limit $limit -t $T --db "$DB" --json $name.json > $name.txt.part
+        mv $name.txt.part $name.txt
         sync_rows
         "${PYTHON:-.venv/bin/python}" $OUT/gsm8k.py --db "$DB" > $OUT/gsm8k/summary.md
     done
