@@ -61,7 +61,10 @@ def cuda_flags(cache: Path) -> list[str]:
     the cache) when the toolkit that nvcc belongs to has none."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        fail("the cuda backend needs nvcc on the PATH (the CUDA toolkit)")
+        fail(
+            "the cuda backend needs nvcc, the CUDA toolkit's compiler, on the PATH: install the toolkit "
+            "(NVIDIA's, or your distribution's nvidia-cuda-toolkit) and add its bin/ to PATH, e.g. /usr/local/cuda/bin"
+        )
     flags = [f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('GGUFLOOP_CUDA_ARCHS', CUDA_ARCHS)}"]
     toolkit = Path(nvcc).resolve().parent.parent
     places = [toolkit / "lib64" / "stubs", *toolkit.glob("targets/*/lib/stubs"), Path("/usr/lib/x86_64-linux-gnu")]

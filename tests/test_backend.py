@@ -260,3 +260,23 @@ def test_back_to_the_unlooped_model_on_a_loaded_model(tiny_models):
             assert np.array_equal(eval_logits(llm, PROMPT), want)
     finally:
         llm.close()
+
+
+def test_a_cuda_build_without_nvcc_is_one_line(tmp_path):
+    """GGUFLOOP_BACKEND=cuda on a machine without the CUDA toolkit: one line that says what is missing
+    and how to get it, before anything is downloaded or built."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    build = Path(__file__).resolve().parent.parent / "patches" / "build.py"
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    env = {**os.environ, "PATH": str(bare), "GGUFLOOP_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, str(build), "--backend", "cuda", "--no-install"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 1 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("build: error: the cuda backend needs nvcc")
+    assert "/usr/local/cuda/bin" in proc.stderr and not (tmp_path / "cache").exists()
