@@ -419,6 +419,7 @@ KEYS = [
     "top_logprobs",
     "input",
     "tokens",
+    "add_special_tokens",
     "loop",
     "grammar",
     "response_format",
@@ -429,7 +430,19 @@ bodies = st.dictionaries(st.sampled_from(KEYS), values, max_size=6)
 @settings(max_examples=2 * SCALE, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["/completions", "/chat/completions", "/extras/tokenize"]), bodies),
+        st.tuples(
+            st.sampled_from(
+                [
+                    "/completions",
+                    "/chat/completions",
+                    "/extras/tokenize",
+                    "/extras/detokenize",
+                    "/tokenize",
+                    "/detokenize",
+                ]
+            ),
+            bodies,
+        ),
         min_size=30,
         max_size=30,
     )
@@ -440,7 +453,7 @@ def test_server_request_bodies_never_get_500(tiny_models, batch):
     srv = Server(tiny_models["llama"][2], "--plan=u=2:4x3/uniform", "-c", "128")
     try:
         for path, body in batch:
-            base = "/" if path.startswith("/extras") else ""
+            base = "/" if path.startswith(("/extras", "/tokenize", "/detokenize")) else ""  # at the root
             if "max_tokens" in body and isinstance(body["max_tokens"], int):
                 body["max_tokens"] = min(body["max_tokens"], 8)
             status, answer = srv.post(path, body, base)
