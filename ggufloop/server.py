@@ -428,6 +428,12 @@ class PlanServer:
         data = (body.input if text is None else text).encode("utf-8")
         return self.llm.tokenize(data, add_bos=add_special, special=True)
 
+    def detokenize(self, body: Any) -> str:
+        """The text of a detokenize request's checked token ids (run it in a worker thread)."""
+        self.check_text(body)
+        self.check_tokens(body.tokens)
+        return self.llm.detokenize(body.tokens).decode("utf-8", errors="replace")
+
     def tokenizer_info(self) -> dict[str, Any]:
         """What lm-evaluation-harness's remote tokenizer asks of a server (vLLM's ``/tokenizer_info``):
         the special tokens as text, whether the model adds a BOS, the chat template, the context."""
@@ -912,12 +918,7 @@ def create_app(server: PlanServer) -> FastAPI:
         server.refuse_plan_fields(body.model_extra)
         server.resolve(body.model)
 
-        def text() -> JSONResponse:
-            server.check_text(body)
-            server.check_tokens(body.tokens)
-            return JSONResponse({"text": server.llm.detokenize(body.tokens).decode("utf-8", errors="replace")})
-
-        return await run_in_threadpool(text)
+        return await run_in_threadpool(lambda: JSONResponse({"text": server.detokenize(body)}))
 
     # vLLM's tokenizer endpoints, which lm-evaluation-harness's local-completions model finds and uses
     # (tokenizer_backend remote, its default where they answer): no Hugging Face tokenizer is needed
@@ -942,12 +943,7 @@ def create_app(server: PlanServer) -> FastAPI:
         server.refuse_plan_fields(body.model_extra)
         server.resolve(body.model)
 
-        def answer() -> JSONResponse:
-            server.check_text(body)
-            server.check_tokens(body.tokens)
-            return JSONResponse({"prompt": server.llm.detokenize(body.tokens).decode("utf-8", errors="replace")})
-
-        return await run_in_threadpool(answer)
+        return await run_in_threadpool(lambda: JSONResponse({"prompt": server.detokenize(body)}))
 
     return app
 
