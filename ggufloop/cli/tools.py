@@ -18,14 +18,15 @@ def command(name: str | None, loop: str | None, mix: str | None, decode: str | N
 
     The backend's build also makes llama.cpp's own rpc-server, llama-perplexity, llama-quantize,
     llama-bench and llama-completion from the patched tree, next to its libraries. Each runs a loop
-    plan given as metadata overrides (a plan baked into the file runs with no arguments at all).
+    plan given as metadata overrides, except llama-bench, which takes none: give it a copy of the
+    model with the plan baked in (`ggufloop bake`); a baked plan needs no arguments in any of them.
     Without NAME: every program and its path. With NAME: that program's path. With --loop (and
     --mix, --decode, --moe): the plan as the arguments, quoted for a shell.
 
     \b
       ggufloop tools
-      $(ggufloop tools llama-bench) -m models/smollm2-135m-instruct.gguf \\
-          $(ggufloop tools --loop 10:15x3 --mix uniform)
+      ggufloop bake smollm2-135m-instruct --loop 10:15x3/uniform -o looped.gguf
+      $(ggufloop tools llama-bench) -m models/smollm2-135m-instruct.gguf -m looped.gguf
       $(ggufloop tools llama-completion) -m models/smollm2-135m-instruct.gguf -no-cnv -n 32 \\
           -p "The capital of France is" $(ggufloop tools --loop 10:15x3/uniform)
     """
