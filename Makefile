@@ -8,7 +8,7 @@ LM_EVAL_VENV ?= .venv-lm-eval
 # the plan and sampling of `make chat`, chosen from measurements (docs/chat-defaults.md)
 CHAT_PLAN ?= --loop 10:15x3 --mix uniform --temp 0
 
-.PHONY: backend stock models models-large data chat lint test test-fast bench archs-doc lm-eval clean
+.PHONY: backend stock models models-large data chat lint test test-fast bench archs-doc lm-eval clean gpu-check-prep gpu-check gpu-check-cpu
 
 # long steps print one progress line each; their output is shown only when they fail
 QUIETLY := scripts/quietly
@@ -59,11 +59,11 @@ lint: backend
 
 # every test but the 1.5B model's: lm-evaluation-harness's too, from its own venv (below)
 test: lint models data $(LM_EVAL_VENV)/.ready
-	LM_EVAL=$(LM_EVAL_VENV)/bin/lm_eval $(PY) -m pytest -q -m "not models_large"
+	LM_EVAL=$(LM_EVAL_VENV)/bin/lm_eval $(PY) -m pytest -q -m "not models_large and not gpu"
 
 # without the packaged models and the benchmark data
 test-fast: lint
-	$(PY) -m pytest -q -m "not models and not data and not models_large and not lm_eval"
+	$(PY) -m pytest -q -m "not models and not data and not models_large and not lm_eval and not gpu"
 
 # lm-evaluation-harness in a venv of its own, torch 2.13.0 first (the CPU build these machines hold; else
 # lm-eval's dependency fetches a CUDA one of several GB), about 2 minutes to install here; `make lm-eval` runs
@@ -88,3 +88,22 @@ archs-doc: backend
 
 clean:
 	rm -rf build $(VENV) .venv-stock
+
+# the GPU check (docs/gpu.md): `make gpu-check-prep` here writes gpu-check/ (the patched tree trimmed to what a
+# build needs, and the wheels of the pure-Python packages a GPU machine without a package registry may lack);
+# on the GPU machine, with gpu-check/ carried there, `make gpu-check` builds the CUDA backend and runs the GPU
+# tests, the backend tests offloaded and the benchmark, into $$OUT; `make gpu-check-cpu` is its dry run here
+GPU_CHECK_WHEELS := gguf==0.19.0 diskcache==5.6.3
+gpu-check-prep: $(VENV)/.ready
+	@$(QUIETLY) "the patched llama-cpp-python tree, trimmed, for a GPU machine" \
+		$(PY) patches/build.py --source-archive gpu-check/llama-cpp-python-patched.tar.gz
+	@$(QUIETLY) "the wheels a GPU machine may lack ($(GPU_CHECK_WHEELS))" $(PY) -m pip download -q --no-deps \
+		--only-binary=:all: --python-version 3.12 --implementation py --abi none --platform any \
+		-d gpu-check/wheels $(GPU_CHECK_WHEELS)
+	@du -sh gpu-check
+
+gpu-check:
+	scripts/gpu-check
+
+gpu-check-cpu: gpu-check-prep
+	PYTHON=$(PY) scripts/gpu-check --cpu

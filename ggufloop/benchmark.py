@@ -6,13 +6,15 @@ reported. Variants: stock llama-cpp-python (``make stock``), the patched build w
 patched build with a plan at K = 2, 3, 4 (naive, and each mix and rule at K = 3), and the stock
 build running a file whose layers are physically duplicated to the same schedule. Every looped
 variant of the patched build also times decoding under decode bypass (generated tokens run the
-block once), against the unlooped decode.
+block once), against the unlooped decode. On a GPU build, ``n_gpu_layers`` offloads layers and every
+variant can also run with CUDA graphs off (ggml's GGML_CUDA_DISABLE_GRAPHS), to show whether a plan keeps them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import platform
 import re
 import resource
@@ -40,6 +42,8 @@ class Variant:
     model: str
     plan: str = "none"  # passed as metadata overrides (the stock build ignores them)
     ideal: float = 1.0  # virtual depth / physical depth
+    env: dict[str, str] = field(default_factory=dict)  # set in the variant's process only
+    base: str = "patched, no plan"  # the variant its time ratios are taken against
 
 
 @dataclass
@@ -85,6 +89,7 @@ def worker(spec: dict) -> dict:
         n_ubatch=n_prompt,
         n_threads=spec["threads"],
         n_threads_batch=spec["threads"],
+        n_gpu_layers=spec.get("n_gpu_layers", 0),
         kv_overrides=kv,
         verbose=False,
     )
@@ -134,19 +139,40 @@ def _bypass_decode(llm, tokens: list[int], n_prompt: int) -> float:
     return seconds
 
 
-def run_variant(v: Variant, threads: int, n_prompt: int, n_decode: int) -> dict:
+def run_variant(v: Variant, threads: int, n_prompt: int, n_decode: int, n_gpu_layers: int = 0) -> dict:
     spec = {"model": v.model, "plan": v.plan, "threads": threads, "n_prompt": n_prompt, "n_decode": n_decode}
     spec["bypass"] = v.python == sys.executable and LoopPlan.parse(v.plan).count > 1
+    spec["n_gpu_layers"] = n_gpu_layers
     proc = subprocess.run(
-        [v.python, "-m", "ggufloop.benchmark", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
+        [v.python, "-m", "ggufloop.benchmark", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **v.env},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"variant {v.name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def variants(model: Path, start: int, end: int, counts: tuple[int, ...], stock: bool, work: Path) -> list[Variant]:
-    """The variants of one model; the duplicated files are written into work."""
+GRAPHS_OFF = " [CUDA graphs off]"
+
+
+def variants(
+    model: Path,
+    start: int,
+    end: int,
+    counts: tuple[int, ...],
+    stock: bool,
+    work: Path,
+    mixes: tuple[str, ...] | None = None,
+    duplicated: bool = False,
+    graphs_off: bool = False,
+) -> list[Variant]:
+    """The variants of one model; the duplicated files are written into work. Mixes: every one at K = 3
+    (None), or these at every K. The physically duplicated file runs in the stock build when there is one,
+    else (``duplicated``) in the patched build without a plan. ``graphs_off`` adds a copy of every variant with
+    CUDA graphs disabled, its ratios taken against the unlooped variant with them disabled too."""
     from .gguf_io import write_duplicated
 
     n_layer = model_info(model).n_layer
@@ -158,27 +184,34 @@ def variants(model: Path, start: int, end: int, counts: tuple[int, ...], stock: 
         plan = LoopPlan(start, end, k)
         ideal = plan.virtual_depth(n_layer) / n_layer
         out.append(Variant(f"{start}:{end}x{k} none", me, str(model), str(plan), ideal))
-        if k == 3:
-            out += [Variant(f"{start}:{end}x{k} {mix}", me, str(model), f"{plan}/{mix}", ideal) for mix in MIXES]
-        if stock:
+        if mixes is not None or k == 3:
+            chosen = MIXES if mixes is None else mixes
+            out += [Variant(f"{start}:{end}x{k} {mix}", me, str(model), f"{plan}/{mix}", ideal) for mix in chosen]
+        if stock or duplicated:
             dup = work / f"{model.stem}-dup-{start}-{end}x{k}.gguf"
             if not dup.exists():
                 write_duplicated(model, dup, plan.schedule(n_layer))
-            out.append(
-                Variant(f"{start}:{end}x{k} duplicated file (stock)", str(STOCK_PYTHON), str(dup), "none", ideal)
-            )
+            python, who = (str(STOCK_PYTHON), "stock") if stock else (me, "patched")
+            out.append(Variant(f"{start}:{end}x{k} duplicated file ({who})", python, str(dup), "none", ideal))
+    if graphs_off:
+        off = {"GGML_CUDA_DISABLE_GRAPHS": "1"}
+        out += [
+            Variant(v.name + GRAPHS_OFF, v.python, v.model, v.plan, v.ideal, off, "patched, no plan" + GRAPHS_OFF)
+            for v in list(out)
+        ]
     return out
 
 
 def summarize(results: dict[str, Result], vs: list[Variant]) -> list[dict]:
     """Medians and the ratios the targets are stated in."""
     med = {name: (statistics.median(r.prefill_tps), statistics.median(r.decode_tps)) for name, r in results.items()}
-    base = med["patched, no plan"]
     rows = []
     for v in vs:
         r = results[v.name]
         p, d = med[v.name]
-        naive = med.get(f"{v.name.split()[0]} none") if v.plan.count("/") else None
+        base = med[v.base]
+        suffix = v.name[len(v.name) - len(GRAPHS_OFF) :] if v.name.endswith(GRAPHS_OFF) else ""
+        naive = med.get(f"{v.name.split()[0]} none{suffix}") if v.plan.count("/") else None
         rows.append(
             {
                 "variant": v.name,

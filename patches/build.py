@@ -56,9 +56,19 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 X86_FLAGS = [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 
+# what a build needs of the patched tree, for a machine that cannot download the sdist (`make gpu-check-prep`):
+# llama-cpp-python's package and CMake project, and of llama.cpp its library, ggml with the backends below,
+# `common`, the programs patches/tools.cmake builds and the generator of tests/archs.py
+KEEP_TOP = ("CMakeLists.txt", "pyproject.toml", "README.md", "LICENSE.md", "PKG-INFO", "llama_cpp", "vendor")
+KEEP_LLAMA_DIRS = ("cmake", "common", "ggml", "include", "licenses", "src", "vendor", "tools", "tests")
+KEEP_TOOLS = ("rpc", "perplexity", "quantize", "llama-bench", "completion")  # tools.cmake's programs
+KEEP_TESTS = ("test-llama-archs.cpp",)
+KEEP_BACKENDS = ("ggml-cpu", "ggml-cuda", "ggml-rpc", "ggml-blas")
+
+
 def cuda_flags(cache: Path) -> list[str]:
-    """The CMake flags of a CUDA build: the architectures, and cuBLAS from CUBLAS_WHEEL (installed into
-    the cache) when the toolkit that nvcc belongs to has none."""
+    """The CMake flags of a CUDA build: the architectures, and cuBLAS from the toolkit that nvcc belongs to,
+    else from an installed nvidia-cublas wheel, else from CUBLAS_WHEEL installed into the cache."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         fail(
@@ -68,7 +78,7 @@ def cuda_flags(cache: Path) -> list[str]:
     flags = [f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('GGUFLOOP_CUDA_ARCHS', CUDA_ARCHS)}"]
     toolkit = Path(nvcc).resolve().parent.parent
     places = [toolkit / "lib64" / "stubs", *toolkit.glob("targets/*/lib/stubs"), Path("/usr/lib/x86_64-linux-gnu")]
-    places += [Path("/usr/lib64"), Path("/usr/lib")]
+    places += [Path("/usr/lib64"), Path("/usr/lib"), Path("/usr/local/nvidia/lib64")]
     if not any(next(p.glob("libcuda.so*"), None) for p in places):
         # no driver library and no stub to link ggml's virtual-memory pool against (a machine without a GPU):
         # build without it, as ggml allows; a GPU machine's build keeps it
@@ -77,6 +87,9 @@ def cuda_flags(cache: Path) -> list[str]:
     if any(toolkit.glob("lib*/libcublas.so*")) or any(toolkit.glob("targets/*/lib/libcublas.so*")):
         return flags
     root = cache / "cublas" / CUBLAS_WHEEL.replace("==", "-")
+    installed = [Path(p) for p in sys.path if (Path(p) / "nvidia" / "cu13" / "lib" / "libcublas.so.13").exists()]
+    if installed and not (root / "nvidia" / "cu13" / "lib" / "libcublas.so.13").exists():
+        root = installed[0]  # e.g. a GPU machine's PyTorch brought it
     lib, include = root / "nvidia" / "cu13" / "lib", root / "nvidia" / "cu13" / "include"
     if not (lib / "libcublas.so.13").exists():
         print(f"build: the CUDA toolkit in {toolkit} has no cuBLAS; installing {CUBLAS_WHEEL} into {root}", flush=True)
@@ -87,6 +100,12 @@ def cuda_flags(cache: Path) -> list[str]:
         f"-DCMAKE_CUDA_FLAGS=-I{include}",
         f"-DCMAKE_BUILD_RPATH={lib}",
     ]
+
+
+def default_cache() -> Path:
+    """ggufloop's cache: GGUFLOOP_CACHE, else ggufloop/ in the XDG cache folder."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(os.environ.get("GGUFLOOP_CACHE", xdg / "ggufloop"))
 
 
 def fail(msg: str) -> None:
@@ -152,8 +171,8 @@ def cache_key(patches: list[tuple[str, bytes]], backend: str, flags: list[str]) 
     return h.hexdigest()[:16]
 
 
-def build_wheel(sdist: Path, patches: list[tuple[str, bytes]], flags: list[str], out: Path, work: Path) -> Path:
-    """Extract, patch and build; returns the wheel. work is the same path for every key (ccache)."""
+def patched_source(sdist: Path, patches: list[tuple[str, bytes]], work: Path) -> Path:
+    """The sdist extracted into work (emptied first) with the patches applied; returns its root."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -172,6 +191,42 @@ def build_wheel(sdist: Path, patches: list[tuple[str, bytes]], flags: list[str],
                 f"(after {', '.join(n for n, _ in patches[: patches.index((name, data))]) or 'no other patch'}):\n"
                 f"{proc.stdout.decode()}{proc.stderr.decode()}"
             )
+    return src
+
+
+def trim(src: Path) -> None:
+    """Remove from a patched tree what no build of the KEEP_* lists needs (models, docs, other backends...)."""
+
+    def keep_only(folder: Path, names: tuple[str, ...], files_too: bool = True) -> None:
+        for entry in folder.iterdir():
+            if entry.name not in names and (files_too or entry.is_dir()):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    llama = src / "vendor" / "llama.cpp"
+    keep_only(src, KEEP_TOP)
+    keep_only(src / "vendor", ("llama.cpp",))
+    keep_only(llama, KEEP_LLAMA_DIRS, files_too=False)  # its top-level files stay: CMake installs some
+    keep_only(llama / "tools", KEEP_TOOLS)
+    keep_only(llama / "tests", KEEP_TESTS)
+    for entry in (llama / "ggml" / "src").iterdir():
+        if entry.is_dir() and entry.name.startswith("ggml-") and entry.name not in KEEP_BACKENDS:
+            shutil.rmtree(entry)
+
+
+def source_archive(sdist: Path, patches: list[tuple[str, bytes]], out: Path, work: Path) -> None:
+    """The patched, trimmed tree as a .tar.gz whose one top folder is llama_cpp_python-VERSION."""
+    src = patched_source(sdist, patches, work)
+    trim(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    partial.rename(out)
+    shutil.rmtree(work)
+
+
+def build_wheel(src: Path, flags: list[str], out: Path, build_dir: Path) -> Path:
+    """Build the wheel of a patched tree into out; returns it."""
     flags = flags + [f"-DCMAKE_PROJECT_llama_cpp_INCLUDE={TOOLS_HOOK.as_posix()}"]
     env = dict(os.environ, CMAKE_ARGS=shlex.join(flags))
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
@@ -186,12 +241,11 @@ def build_wheel(sdist: Path, patches: list[tuple[str, bytes]], flags: list[str],
             "--no-build-isolation",
             "-w",
             str(out),
-            f"--config-settings=build-dir={work / 'cmake'}",
+            f"--config-settings=build-dir={build_dir}",
             str(src),
         ],
         env=env,
     )
-    shutil.rmtree(work)
     return next(out.glob("llama_cpp_python-*.whl"))
 
 
@@ -199,21 +253,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=sorted(BACKEND_FLAGS), default=os.environ.get("GGUFLOOP_BACKEND", "cpu"))
     ap.add_argument("--stock", action="store_true", help="build without the patch (for side-by-side comparison)")
-    ap.add_argument(
-        "--cache",
-        type=Path,
-        default=Path(
-            os.environ.get(
-                "GGUFLOOP_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ggufloop"
-            )
-        ),
-    )
+    ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--no-install", action="store_true", help="only build (or find) the wheel")
+    ap.add_argument(
+        "--source-archive",
+        type=Path,
+        metavar="FILE",
+        help="write the patched tree, trimmed to what a build needs, as FILE (.tar.gz), and build nothing",
+    )
+    ap.add_argument(
+        "--source",
+        type=Path,
+        metavar="DIR",
+        help="build from this patched tree (a --source-archive extracted) instead of the sdist",
+    )
     args = ap.parse_args()
 
     if not series():
         fail(f"no patches (NNNN-name.patch) in {PATCHES}")
     patches = [] if args.stock else [(p.name, p.read_bytes()) for p in series()]
+    work = ROOT / "build" / f"src-{'stock' if args.stock else 'ggufloop'}-{args.backend}"
+    if args.source_archive:
+        source_archive(fetch_sdist(args.cache), patches, args.source_archive, ROOT / "build" / "src-archive")
+        print(f"build: wrote {args.source_archive}")
+        return
     flags = COMMON_FLAGS + BACKEND_FLAGS[args.backend]
     if args.backend == "cuda":
         flags += cuda_flags(args.cache)
@@ -222,20 +285,20 @@ def main() -> None:
     key = cache_key(patches, args.backend, flags)
     wheels = args.cache / "wheels" / f"{'stock' if args.stock else 'ggufloop'}-{args.backend}-{key}"
     wheel = next(wheels.glob("*.whl"), None)
-    if wheel is None:
-        sdist = fetch_sdist(args.cache)
+    if wheel is None and args.source:
+        if not (args.source / "vendor" / "llama.cpp").is_dir():
+            fail(f"{args.source} is not a llama-cpp-python tree (no vendor/llama.cpp): extract a --source-archive")
+        print(f"build: building llama-cpp-python {VERSION} from {args.source} ({args.backend})", flush=True)
+        wheel = build_wheel(args.source, flags, wheels, work / "cmake")
+    elif wheel is None:
         print(
             f"build: building llama-cpp-python {VERSION} ({'stock' if args.stock else 'patched'}, "
             f"{args.backend}); this takes several minutes",
             flush=True,
         )
-        wheel = build_wheel(
-            sdist,
-            patches,
-            flags,
-            wheels,
-            ROOT / "build" / f"src-{'stock' if args.stock else 'ggufloop'}-{args.backend}",
-        )
+        src = patched_source(fetch_sdist(args.cache), patches, work)
+        wheel = build_wheel(src, flags, wheels, work / "cmake")
+        shutil.rmtree(work)
     else:
         print(f"build: using cached wheel {wheel}")
     if args.no_install:

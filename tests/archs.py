@@ -39,13 +39,7 @@ def cache_dir() -> Path:
     h = hashlib.sha256()
     for part in (build.SDIST_SHA256, GENERATOR.read_text(), FIXTURE_DEPTH, str(N_LAYER), str(SEED)):
         h.update(part.encode() + b"\0")
-    return _cache_root() / f"archs-{h.hexdigest()[:16]}"
-
-
-def _cache_root() -> Path:
-    """ggufloop's cache, as patches/build.py finds it."""
-    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return Path(os.environ.get("GGUFLOOP_CACHE", xdg / "ggufloop"))
+    return build.default_cache() / f"archs-{h.hexdigest()[:16]}"
 
 
 def _libdirs() -> list[Path]:
@@ -56,14 +50,21 @@ def _libdirs() -> list[Path]:
 
 
 def _compile(work: Path) -> Path:
-    """archgen, compiled against the patched vendored tree and the installed library."""
-    with tarfile.open(build.fetch_sdist(_cache_root())) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
-        tar.extractall(work, members=members, filter="data")
-    src = work / f"llama_cpp_python-{build.VERSION}" / "vendor" / "llama.cpp"
-    for patch in build.series():
-        cmd = ["patch", "-p1", "--batch", "--forward", "-s", "-d", str(src)]
-        subprocess.run(cmd, input=patch.read_bytes(), check=True)
+    """archgen, compiled against the patched vendored tree (GGUFLOOP_LLAMA_SRC's, else the sdist's patched
+    here) and the installed library."""
+    tree = os.environ.get("GGUFLOOP_LLAMA_SRC")
+    if tree:  # a patched tree already (the GPU check's, which has no sdist): copy what the generator needs
+        src = work / "llama.cpp"
+        for d in ("include", "ggml/include", "src", "common", "tests"):
+            shutil.copytree(Path(tree) / d, src / d)
+    else:
+        with tarfile.open(build.fetch_sdist(build.default_cache())) as tar:
+            members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
+            tar.extractall(work, members=members, filter="data")
+        src = work / f"llama_cpp_python-{build.VERSION}" / "vendor" / "llama.cpp"
+        for patch in build.series():
+            cmd = ["patch", "-p1", "--batch", "--forward", "-s", "-d", str(src)]
+            subprocess.run(cmd, input=patch.read_bytes(), check=True)
     test = (src / "tests" / "test-llama-archs.cpp").read_text()
     if test.count(FIXTURE_DEPTH) != 1:
         raise RuntimeError(f"error: tests/test-llama-archs.cpp no longer sets the depth as '{FIXTURE_DEPTH}'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,11 +37,17 @@ def tiny_models(tiny_dir) -> dict[str, tuple[Spec, dict, Path]]:
     return out
 
 
+# layers offloaded by open_model: 0 (the CPU) unless the GPU check (scripts/gpu-check) runs the backend tests
+# with GGUFLOOP_TEST_NGL=-1 (every layer on the GPU) or N (the last N, a block crossing the CPU/GPU boundary)
+TEST_NGL = int(os.environ.get("GGUFLOOP_TEST_NGL", "0"))
+
+
 def open_model(path, loop=None, n_batch=64, **kw):
-    """A LoopedLlama on the CPU with every position's logits kept and an F32 KV cache
-    (an F16 cache alone puts ~3e-4 between batch shapes, looped or not)."""
+    """A LoopedLlama (on the CPU unless GGUFLOOP_TEST_NGL says otherwise) with every position's logits kept
+    and an F32 KV cache (an F16 cache alone puts ~3e-4 between batch shapes, looped or not)."""
     from ggufloop import LoopedLlama
 
+    kw.setdefault("n_gpu_layers", TEST_NGL)
     kw.setdefault("n_ctx", 128)
     kw.setdefault("logits_all", True)
     kw.setdefault("type_k", 0)  # GGML_TYPE_F32

@@ -41,19 +41,26 @@ class Spec:
         return self.arch != "llama"
 
 
-def make_weights(spec: Spec, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random weights, named as in GGUF, shaped as numpy (rows = output features)."""
+def make_weights(spec: Spec, seed: int = 0, f16: bool = False) -> dict[str, np.ndarray]:
+    """Random weights, named as in GGUF, shaped as numpy (rows = output features); with f16, the matrices
+    are float16, drawn in float32 (faster, another stream: for speed, not for the exact tests)."""
     rng = np.random.default_rng(seed)
     E, H, KV, D, F, V = spec.n_embd, spec.n_head, spec.n_head_kv, spec.head_dim, spec.n_ff, spec.n_vocab
 
     def mat(rows: int, cols: int) -> np.ndarray:
+        if f16:
+            m = rng.standard_normal((rows, cols), dtype=np.float32)
+            m *= 1 / np.sqrt(cols)
+            return m.astype(np.float16)
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
     def norm(n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
     w = {
-        "token_embd.weight": (rng.standard_normal((V, E)) * (0.2 if spec.arch == "gemma3" else 1.0)).astype(np.float32),
+        "token_embd.weight": (
+            mat(V, E) * np.sqrt(E) if f16 else rng.standard_normal((V, E)) * (0.2 if spec.arch == "gemma3" else 1.0)
+        ).astype(np.float16 if f16 else np.float32),
         "output_norm.weight": norm(E),
     }
     if spec.arch != "gemma3":
@@ -101,7 +108,8 @@ def write_model(
     layer_map: list[int] | None = None,
     extra_kv: dict | None = None,
 ) -> Path:
-    """Write an F32 GGUF; layer_map lists the physical layer behind each written layer."""
+    """Write the GGUF (F32, or F16 where make_weights made float16); layer_map lists the physical layer
+    behind each written layer."""
     layer_map = list(range(spec.n_layer)) if layer_map is None else list(layer_map)
     arch = spec.arch
     w = gguf.GGUFWriter(str(path), arch)
@@ -117,7 +125,8 @@ def write_model(
     w.add_rope_dimension_count(spec.head_dim)
     w.add_layer_norm_rms_eps(spec.eps)
     w.add_rope_freq_base(spec.rope_base)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    f16 = any(t.dtype == np.float16 for t in weights.values())
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     if arch == MOE_ARCH:
         w.add_expert_count(spec.n_expert)
         w.add_expert_used_count(spec.n_expert_used)
@@ -157,3 +166,30 @@ def write_model(
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+# a llama-shaped model of about 1.1B parameters (TinyLlama's shape), big enough to load a GPU
+BIG = Spec("llama", n_layer=22, n_embd=2048, n_head=32, n_head_kv=4, head_dim=64, n_ff=5632, n_vocab=32000, n_ctx=2048)
+
+
+def main() -> None:
+    """python tests/tiny.py OUT.gguf [--layers N --embd N --ff N]: a random F16 llama (BIG by default)."""
+    import argparse
+    import dataclasses
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=BIG.n_layer)
+    ap.add_argument("--embd", type=int, default=BIG.n_embd, help="a multiple of 64 (the head size)")
+    ap.add_argument("--ff", type=int, default=BIG.n_ff)
+    args = ap.parse_args()
+    heads = args.embd // BIG.head_dim
+    spec = dataclasses.replace(
+        BIG, n_layer=args.layers, n_embd=args.embd, n_head=heads, n_head_kv=max(1, heads // 8), n_ff=args.ff
+    )
+    write_model(args.out, spec, make_weights(spec, seed=0, f16=True))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

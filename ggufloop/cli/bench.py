@@ -12,7 +12,7 @@ from dataclasses import asdict
 import click
 
 from ..plan import LoopPlan
-from .options import parse_counts, quiet_llama_logs, writable_dir
+from .options import parse_counts, parse_mixes, quiet_llama_logs, writable_dir
 
 
 @click.command("bench")
@@ -24,6 +24,23 @@ from .options import parse_counts, quiet_llama_logs, writable_dir
 @click.option("--prompt-tokens", type=click.IntRange(8), default=512, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--no-stock", is_flag=True, help="Skip the stock-build variants (no `make stock`).")
+@click.option(
+    "--mixes",
+    default=None,
+    metavar="MIX,...",
+    help="Time these mixes (a comma-separated list, as sweep's) at every K (default: every mix, at K = 3 only).",
+)
+@click.option(
+    "--duplicated",
+    is_flag=True,
+    help="Also time the physically duplicated file without the stock build (the patched build, no plan).",
+)
+@click.option("--n-gpu-layers", "-ngl", type=int, default=0, show_default=True, help="Layers offloaded (-1: all).")
+@click.option(
+    "--cuda-graphs-off",
+    is_flag=True,
+    help="Time every variant also with CUDA graphs disabled (GGML_CUDA_DISABLE_GRAPHS), on a CUDA build.",
+)
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="docs", show_default=True)
 def command(
     models: tuple[str, ...],
@@ -34,6 +51,10 @@ def command(
     prompt_tokens: int,
     decode_tokens: int,
     no_stock: bool,
+    mixes: str | None,
+    duplicated: bool,
+    n_gpu_layers: int,
+    cuda_graphs_off: bool,
     output: str,
 ) -> None:
     """Measure prefill and decode speed and memory of looping on MODELS (default: those `make models` fetches)."""
@@ -50,6 +71,8 @@ def command(
     work = ROOT / "build" / "bench"
     work.mkdir(parents=True, exist_ok=True)
     ks = parse_counts(counts)
+    # naive looping (mix none) is timed at every K anyway
+    chosen = tuple(m for m in parse_mixes(mixes) if m != "none") if mixes is not None else None
     meta = {
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
@@ -58,6 +81,7 @@ def command(
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,
         "repeats": repeats,
+        "n_gpu_layers": n_gpu_layers,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -71,12 +95,12 @@ def command(
             s, e = blk.start, blk.end
         else:
             s, e = n_layer // 3, n_layer // 3 + max(1, n_layer // 6)
-        vs = variants(path, s, e, ks, stock, work)
+        vs = variants(path, s, e, ks, stock, work, chosen, duplicated, cuda_graphs_off)
         results = {v.name: Result(v.name) for v in vs}
         with click.progressbar(length=repeats * len(vs), label=f"{path.stem}", file=sys.stderr) as bar:
             for _ in range(repeats):
                 for v in vs:  # interleaved, so drift in machine load hits every variant alike
-                    m = run_variant(v, threads, prompt_tokens, decode_tokens)
+                    m = run_variant(v, threads, prompt_tokens, decode_tokens, n_gpu_layers)
                     r = results[v.name]
                     r.prefill_tps.append(m["prefill_tps"])
                     r.decode_tps.append(m["decode_tps"])
