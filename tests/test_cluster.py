@@ -18,8 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from ggufloop.eval.cluster import ClusterConfig, ClusterError, LoopbackCluster, RayExecutor, Request, WorkerModel
+from ggufloop.eval.ray_executor import ClusterConfig, ClusterError, RayExecutor, WorkerModel
 from ggufloop.eval.store import Store
+from ggufloop.eval.units import Request
+
+from ray_cluster import LoopbackCluster
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.cluster, pytest.mark.data]
@@ -114,7 +117,7 @@ def test_a_node_without_the_model_or_with_another_file_is_refused(cluster, tiny_
 
 
 def test_a_missing_ray_is_one_line(monkeypatch):
-    from ggufloop.eval import cluster
+    from ggufloop.eval import ray_executor as cluster
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ClusterError, match=r"pip install 'ggufloop\[cluster\]'"):
@@ -128,7 +131,7 @@ def test_few_shot_requests_from_a_split_pool_on_the_cluster_equal_the_local_run(
     """B1: the driver keyed a unit without its shot count, so with a search's few-shot pool and --shots whose
     zero-ness differs from the task's default (tune --cluster --shots 0 on WinoGrande, or 3 on ARC-Easy) every
     worker refused the unit ("renders prompts differently"). The rows must be the local run's, bit for bit."""
-    from ggufloop.eval.cluster import LocalExecutor
+    from ggufloop.eval.executors import LocalExecutor
     from ggufloop.eval.tasks import TASKS, FewshotPool
 
     path = tiny_models["llama"][2]
@@ -152,3 +155,46 @@ def test_few_shot_requests_from_a_split_pool_on_the_cluster_equal_the_local_run(
             store.close()
     assert got["ray"] == got["local"] and all(len(r) == 6 for r in got["local"])
     assert rows(tmp_path / "ray.sqlite") == rows(tmp_path / "local.sqlite")
+
+
+def _requests(kind: str) -> list[Request]:
+    """What eval, sweep and tune ask an executor for: the unlooped model and a plan on two tasks (eval), the
+    blocks of a window (sweep), and item subsets of a search with shots from a split few-shot pool (tune)."""
+    from ggufloop.eval.tasks import TASKS, FewshotPool
+
+    if kind == "eval":
+        return [Request(p, t, 0, 8) for p in ("none", "1:3x2/uniform") for t in ("piqa", "winogrande")]
+    if kind == "sweep":
+        return [Request(p, "piqa", 0, 8) for p in ("none", "1:2x2", "1:3x2", "2:3x2", "2:4x2")]
+    ids = [it.id for it in TASKS["arc_easy"].items(0, 12)]
+    pool = FewshotPool("split:0:0.5", frozenset(ids[6:]))
+    return [Request(p, "arc_easy", 3, 12, tuple(ids[:6]), pool) for p in ("none", "1:3x2", "2:4x3/ema")]
+
+
+@pytest.mark.parametrize("kind", ["eval", "sweep", "tune"])
+def test_every_executor_scores_the_same_rows(cluster, tiny_models, tmp_path, kind):
+    """The three executors (this process, worker processes, Ray) on eval's, sweep's and tune's requests: the
+    same results and the same rows in the store, bit for bit."""
+    from ggufloop.eval.executors import open_executor
+
+    path = tiny_models["llama"][2]
+    requests = _requests(kind)
+    got = {}
+    for name in ("local", "process", "ray"):
+        store = Store(tmp_path / f"{name}.sqlite")
+        sha = store.model_sha(path)
+        config = ClusterConfig(cluster.address) if name == "ray" else None
+        executor = open_executor(path, store, sha, 2, config, jobs=2 if name == "process" else 1)
+        assert type(executor).__name__ == {"local": "LocalExecutor", "process": "ProcessExecutor"}.get(
+            name, "RayExecutor"
+        )
+        seen = []
+        try:
+            got[name] = executor.run(requests, seen.append)
+        finally:
+            executor.close()
+            store.close()
+        assert sum(seen) == sum(len(r) for r in got[name])
+    assert got["process"] == got["local"] == got["ray"]
+    assert len(got["local"]) == len(requests) and all(got["local"])
+    assert rows(tmp_path / "process.sqlite") == rows(tmp_path / "local.sqlite") == rows(tmp_path / "ray.sqlite")

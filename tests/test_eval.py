@@ -15,11 +15,12 @@ import pytest
 from click.testing import CliRunner
 
 from ggufloop.cli import main
-from ggufloop.eval.evaluate import evaluate, run_unit
+from ggufloop.eval.evaluate import evaluate
 from ggufloop.eval.scoring import Scorer, accuracy
 from ggufloop.eval.stats import compare, mcnemar_exact, paired_bootstrap
 from ggufloop.eval.store import Store
 from ggufloop.eval.tasks import TASKS, Item, resolve_tasks
+from ggufloop.eval.units import run_unit
 
 from conftest import open_model
 
@@ -231,8 +232,8 @@ def test_sweep_writes_heatmap_and_csv(tiny_models, tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(next(tmp_path.glob("sweep-*.csv")))))
     assert {(r["start"], r["end"]) for r in rows} == {("1", "2"), ("1", "3"), ("2", "3"), ("2", "4")}
     assert next(tmp_path.glob("sweep-*.png")).stat().st_size > 1000
-    # a cell is the same number eval gives for that plan
-    one = evaluate(tiny_models["gemma3"][2], resolve_tasks("piqa"), "1:3x2", limit=6, db=tmp_path / "s.sqlite")
+    # a cell is the same number eval gives for that plan, scored afresh (its own database, not the sweep's rows)
+    one = evaluate(tiny_models["gemma3"][2], resolve_tasks("piqa"), "1:3x2", limit=6, db=tmp_path / "e.sqlite")
     cell = next(r for r in rows if (r["start"], r["end"]) == ("1", "3"))
     assert float(cell["acc"]) == pytest.approx(one[0]["plan"]["acc"], abs=1e-4)
     # run again: everything is scored, so the map is redrawn from the database without starting a worker
@@ -241,7 +242,7 @@ def test_sweep_writes_heatmap_and_csv(tiny_models, tmp_path, monkeypatch):
     def no_worker(*args, **kwargs):
         raise AssertionError("a finished sweep started a worker")
 
-    monkeypatch.setattr("ggufloop.cli.sweep.subprocess.Popen", no_worker)
+    monkeypatch.setattr("ggufloop.eval.executors.subprocess.Popen", no_worker)
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
     assert next(tmp_path.glob("sweep-*.csv")).read_text() == before

@@ -302,7 +302,7 @@ def test_sweep_workers_stop_with_their_parent(tiny_models, tmp_path):
                 cmd = (p / "cmdline").read_bytes()
             except (OSError, ValueError):
                 continue
-            if b"ggufloop.eval.sweep" in cmd and str(db).encode() in cmd:
+            if b"ggufloop.eval.executors" in cmd and str(db).encode() in cmd:
                 out.append(int(p.name))
         return out
 

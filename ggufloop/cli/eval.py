@@ -69,8 +69,8 @@ def command(
     kept, so nothing is generated twice)."""
     from ..errors import OptionError
     from ..eval import gsm8k
-    from ..eval.cluster import ClusterConfig
     from ..eval.evaluate import comparison_table, evaluate, evaluate_gsm8k, generation_table
+    from ..eval.ray_executor import ClusterConfig
     from ..eval.tasks import resolve_tasks
     from ..models import resolve
     from ..rpc import Placement

@@ -1,30 +1,25 @@
 """`ggufloop sweep`: score every block range (s, e) of a plan on the same items, as a heatmap.
 
-The (plan, task) units run in worker processes (--jobs), each with its own model load; the
-results database makes the sweep resumable.
+The (plan, task) units run on an executor (``eval.executors``: here, --jobs worker processes each
+with its own model load, or --cluster); the results database makes the sweep resumable.
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import OptionError, PlanError, TaskError
-from ..eval.store import Store, Unit
+from ..eval.store import Store
 from ..plan import LoopPlan, Mix
 from .options import store_options
 
 if TYPE_CHECKING:
-    from ..eval.cluster import ClusterConfig
+    from ..eval.units import Request
 
 
 @click.command("sweep")
@@ -80,11 +75,10 @@ def command(
     with --metric; every answer is stored, so sweep, eval and tune share them."""
     from .. import plots
     from ..eval import gsm8k
-    from ..eval.cluster import ClusterConfig, Request
     from ..eval.evaluate import GenerativeExecutor
     from ..eval.sweep import block_ranges, cells, stored_correct
     from ..eval.tasks import TASKS
-    from ..eval.units import unit_for
+    from ..eval.units import Request, unit_for
     from ..gguf_io import model_info
     from ..models import resolve
 
@@ -127,15 +121,9 @@ def command(
         wanted = set(ids)
         # only what is not scored yet goes to workers: a finished sweep redraws its map without loading the model
         units = {p: unit_for(sha, the_task, shots, p, None) for p in plans}
-        todo = [u for u in units.values() if not wanted <= store.done(u)]
-        if todo and cluster:
-            todo_plans = [u.plan for u in todo]
-            _on_cluster(
-                ClusterConfig(cluster, threads or 1), path, store, sha, todo_plans, task, shots, limit, len(ids)
-            )
-        elif todo:
-            spec = {"model": str(path), "task": task, "shots": shots, "limit": limit, "db": db}
-            _with_workers(spec, store, todo, threads, jobs, wanted)
+        todo = [p for p, u in units.items() if not wanted <= store.done(u)]
+        if todo:
+            _score(path, store, sha, threads, jobs, cluster, [Request(p, task, shots, limit) for p in todo], len(ids))
         correct = {p: stored_correct(store, u) for p, u in units.items()}
     grid = cells(correct["none"], {b: correct[p] for b, p in block_plans.items()}, ids)
     store.close()
@@ -184,63 +172,31 @@ def command(
     click.echo(f"wrote {out / stem}.csv and .png", err=True)
 
 
-def _on_cluster(
-    config: ClusterConfig,
+def _score(
     path: Path,
     store: Store,
     sha: str,
-    plans: list[str],
-    task: str,
-    shots: int | None,
-    limit: int | None,
+    threads: int | None,
+    jobs: int,
+    cluster: str | None,
+    requests: list[Request],
     n_items: int,
 ) -> None:
-    """Every unit on a Ray cluster; this process writes the rows as they arrive."""
-    from ..eval.cluster import RayExecutor, Request, worker_model
+    """Every unit's missing rows into the store: on the Ray cluster, in --jobs worker processes, or here."""
+    from ..eval.executors import open_executor
+    from ..eval.ray_executor import ClusterConfig, RayExecutor
 
-    executor = RayExecutor(config, worker_model(path, sha), store)
+    config = ClusterConfig(cluster, threads or 1) if cluster else None
+    executor = open_executor(path, store, sha, threads, config, jobs=jobs)
     try:
         with click.progressbar(
-            length=len(plans) * n_items, label=f"{len(plans)} plans x {n_items} items", file=sys.stderr, show_eta=True
-        ) as bar:
-            executor.run([Request(p, task, shots, limit) for p in plans], bar.update)
-    finally:
-        executor.close()
-    click.echo(executor.summary(), err=True)
-
-
-def _with_workers(spec: dict, store: Store, units: list[Unit], threads: int | None, jobs: int, ids: set[str]) -> None:
-    """Every unit in --jobs local worker processes (spec: what they share), which write to the store themselves.
-
-    Progress counts only this sweep's items (ids): rows that other runs scored beyond --limit are not progress.
-    """
-    plans = [u.plan for u in units]
-    per_job = max(1, (threads or os.cpu_count() or 1) // jobs)
-    specs = [{**spec, "plans": plans[j::jobs], "threads": per_job, "parent": os.getpid()} for j in range(jobs)]
-    workers = [subprocess.Popen([sys.executable, "-m", "ggufloop.eval.sweep", json.dumps(spec)]) for spec in specs]
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the workers are stopped below
-    try:
-        with click.progressbar(
-            length=len(plans) * len(ids),
-            label=f"{len(plans)} plans x {len(ids)} items",
+            length=len(requests) * n_items,
+            label=f"{len(requests)} plans x {n_items} items",
             file=sys.stderr,
             show_eta=True,
         ) as bar:
-            last = 0
-            while True:
-                running = any(w.poll() is None for w in workers)
-                now = sum(len(store.done(u) & ids) for u in units)
-                bar.update(now - last)
-                last = now
-                if not running:
-                    break
-                time.sleep(2)
+            executor.run(requests, bar.update)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        for w in workers:
-            if w.poll() is None:
-                w.terminate()
-        for w in workers:
-            w.wait()
-    if any(w.returncode for w in workers):
-        raise TaskError("a sweep worker failed; run the same command again to resume")
+        executor.close()
+    if isinstance(executor, RayExecutor):
+        click.echo(executor.summary(), err=True)

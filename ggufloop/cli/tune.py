@@ -231,8 +231,8 @@ def command(
     held-out GSM8K items only.
     """
     from ..eval import gsm8k, search
-    from ..eval.cluster import ClusterConfig
     from ..eval.evaluate import GenerativeExecutor
+    from ..eval.ray_executor import ClusterConfig
     from ..eval.store import Store
     from ..eval.tasks import resolve_tasks
     from ..eval.tune import Candidates, Prefilter, prepare, tune

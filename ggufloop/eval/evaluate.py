@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING
 from ..errors import OptionError, TaskError
 from ..plan import LoopPlan
 from ..rpc import Placement
-from .scoring import Scorer, accuracy
+from .executors import open_executor
 from .stats import Comparison, compare
-from .store import GenerationRow, Row, Store, Unit
-from .tasks import FewshotPool, Task
-from .units import unit_for
+from .store import GenerationRow, Store, Unit
+from .tasks import Task
+from .units import Request, unit_for
 
 if TYPE_CHECKING:
-    from .cluster import ClusterConfig
     from .gsm8k import Generator, Problem, PromptFormat, Prompts
+    from .ray_executor import ClusterConfig
 
 
 @dataclass(frozen=True)
@@ -29,45 +29,6 @@ class TaskResult:
     n: int
     acc: float
     acc_norm: float
-
-
-def _chunks(items: list, size: int) -> Iterable[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def run_unit(
-    scorer: Scorer,
-    store: Store,
-    model_sha: str,
-    task: Task,
-    shots: int | None,
-    limit: int | None,
-    progress: Callable[[int], None] | None = None,
-    batch_items: int = 16,
-    ids: list[str] | None = None,
-    pool: FewshotPool | None = None,
-) -> dict[str, tuple[int, int]]:
-    """Score one (plan, task) unit, skipping what the store has; returns item -> (correct, correct_norm).
-
-    ``ids`` restricts the unit to those items (in that order); ``pool`` restricts where few-shot
-    examples come from (see Task.items)."""
-    unit = unit_for(model_sha, task, shots, scorer.plan, pool)
-    items = task.items(unit.shots, limit, pool=pool)
-    if ids is not None:
-        by_id = {it.id: it for it in items}
-        items = [by_id[i] for i in ids]
-    done = store.done(unit)
-    todo = [it for it in items if it.id not in done]
-    if progress and len(items) > len(todo):
-        progress(len(items) - len(todo))
-    for chunk in _chunks(todo, batch_items):
-        lls = scorer.score(chunk)
-        store.add(unit, [Row(it.id, ll, it.gold, *accuracy(it, ll)) for it, ll in zip(chunk, lls)])
-        if progress:
-            progress(len(chunk))
-    rows = store.rows(unit)
-    return {it.id: rows[it.id] for it in items}
 
 
 def summarize(task: str, shots: int, plan: str, rows: dict[str, tuple[int, int]]) -> TaskResult:
@@ -97,8 +58,6 @@ def evaluate(
 
     cluster: score the units on that Ray cluster instead of in this process (see cluster.py).
     placement: where the model's layers run in this process (local by default; RPC servers, ``ggufloop.rpc``)."""
-    from .cluster import Request, open_executor
-
     store = Store(db) if db else Store()
     store.check_writable()
     sha = store.model_sha(model)

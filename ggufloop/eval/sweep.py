@@ -1,27 +1,18 @@
 """Sweeps over block ranges: every (s, e) of a window scored as independent, resumable units.
 
 Each (plan, task) is a unit of work in the results database, so a sweep can be stopped and
-restarted or split over worker processes (``run_units`` runs one worker's share on one model
-load; ``python -m ggufloop.eval.sweep SPEC`` is that worker).
+restarted, and its units run on any executor (``executors``: this process, worker processes, Ray).
+This module holds the sweep's blocks and its analysis: the paired comparison of every block.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import PlanError
-from ..plan import LoopPlan
-from .evaluate import run_unit
-from .scoring import Scorer
 from .stats import compare, holm
 from .store import Store, Unit
-from .tasks import TASKS
 
 
 def block_ranges(n_layer: int, starts: str | None, sizes: str | None) -> list[tuple[int, int]]:
@@ -37,23 +28,6 @@ def block_ranges(n_layer: int, starts: str | None, sizes: str | None) -> list[tu
             raise PlanError(f"bad window {text!r}: expected FIRST:END, such as 4:12") from None
 
     return [(s, s + m) for s in window(starts, 0, n_layer) for m in window(sizes, 1, n_layer + 1) if s + m <= n_layer]
-
-
-def run_units(
-    model: str, plans: list[str], task: str, shots: int | None, limit: int | None, db: str, threads: int | None
-) -> None:
-    """Score the units of one worker on one model load."""
-    store = Store(db)
-    sha = store.model_sha(model)
-    scorer = Scorer(model, None, threads=threads)
-    try:
-        for plan in plans:
-            if LoopPlan.parse(plan) != scorer.plan:
-                scorer.set_plan(plan)
-            run_unit(scorer, store, sha, TASKS[task], shots, limit)
-    finally:
-        scorer.close()
-        store.close()
 
 
 @dataclass(frozen=True)
@@ -86,28 +60,3 @@ def cells(base: Mapping[str, int], correct: Mapping[tuple[int, int], Mapping[str
 def stored_correct(store: Store, unit: Unit) -> dict[str, int]:
     """item -> correct (0/1) of a multiple-choice unit's stored rows."""
     return {i: r[0] for i, r in store.rows(unit).items()}
-
-
-def _exit_with_parent(parent: int) -> None:
-    """End this worker when the process that started it is gone (killed, interrupted), not hours later."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(3)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def main(argv: list[str]) -> None:
-    """A sweep worker: score the units of the JSON spec in argv[0]."""
-    from .._lib import quiet_logs
-
-    spec = json.loads(argv[0])
-    _exit_with_parent(spec["parent"])
-    quiet_logs()
-    run_units(spec["model"], spec["plans"], spec["task"], spec["shots"], spec["limit"], spec["db"], spec["threads"])
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

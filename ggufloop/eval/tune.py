@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 from ..errors import PlanError, TaskError
 from ..plan import LoopPlan, Mix
 from . import search
-from .cluster import Executor, Request, open_executor
+from .executors import Executor, open_executor
 from .store import Store
 from .sweep import block_ranges
 from .tasks import FewshotPool, Task, resolve_tasks
-from .units import unit_for
+from .units import Request, unit_for
 
 if TYPE_CHECKING:
-    from .cluster import ClusterConfig
+    from .ray_executor import ClusterConfig
 
 
 @dataclass(frozen=True)
