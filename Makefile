@@ -11,7 +11,7 @@ CHAT_PLAN ?= --loop 10:15x3 --mix uniform --temp 0
 .PHONY: backend stock models models-large data chat lint test test-fast bench archs-doc lm-eval clean gpu-check-prep gpu-check gpu-check-cpu
 
 # long steps print one progress line each; their output is shown only when they fail
-QUIETLY := scripts/quietly
+QUIETLY := tools/quietly
 
 # the project's virtual environment, with the tools that build the backend
 $(VENV)/.ready: pyproject.toml
@@ -54,8 +54,8 @@ chat: backend
 
 # ruff: lint and format, configured in pyproject.toml
 lint: backend
-	$(VENV)/bin/ruff check ggufloop tests patches
-	$(VENV)/bin/ruff format --check ggufloop tests patches
+	$(VENV)/bin/ruff check ggufloop tests patches bench tools
+	$(VENV)/bin/ruff format --check ggufloop tests patches bench tools
 
 # every test but the 1.5B model's: lm-evaluation-harness's too, from its own venv (below)
 test: lint models data $(LM_EVAL_VENV)/.ready
@@ -84,7 +84,7 @@ bench: models stock
 
 # README.md and docs/architectures.md: the architectures the backend allows, as it lists them
 archs-doc: backend
-	$(PY) scripts/archs_doc.py
+	$(PY) tools/archs_doc.py
 
 clean:
 	rm -rf build $(VENV) .venv-stock
@@ -103,7 +103,7 @@ gpu-check-prep: $(VENV)/.ready
 	@du -sh gpu-check
 
 gpu-check:
-	scripts/gpu-check
+	tools/gpu-check
 
 gpu-check-cpu: gpu-check-prep
-	PYTHON=$(PY) scripts/gpu-check --cpu
+	PYTHON=$(PY) tools/gpu-check --cpu

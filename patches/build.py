@@ -58,7 +58,7 @@ X86_FLAGS = [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 # what a build needs of the patched tree, for a machine that cannot download the sdist (`make gpu-check-prep`):
 # llama-cpp-python's package and CMake project, and of llama.cpp its library, ggml with the backends below,
-# `common`, the programs patches/tools.cmake builds and the generator of tests/archs.py
+# `common`, the programs patches/tools.cmake builds and the generator of tests/support/archs.py
 KEEP_TOP = ("CMakeLists.txt", "pyproject.toml", "README.md", "LICENSE.md", "PKG-INFO", "llama_cpp", "vendor")
 KEEP_LLAMA_DIRS = ("cmake", "common", "ggml", "include", "licenses", "src", "vendor", "tools", "tests")
 KEEP_TOOLS = ("rpc", "perplexity", "quantize", "llama-bench", "completion")  # tools.cmake's programs

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny import ARCHS, Spec, make_weights, write_model  # noqa: E402
+from tiny import ARCHS, Spec, make_weights, write_model  # tests/support, on pytest's pythonpath (pyproject.toml)
 
 # tolerance between two F32 computations of one model (batch shapes, numpy): 1e-4; gemma3's GELU
 # goes through llama.cpp's fp16 lookup table, whose rounding flips with tiny input differences and
@@ -37,9 +34,9 @@ def tiny_models(tiny_dir) -> dict[str, tuple[Spec, dict, Path]]:
     return out
 
 
-# layers offloaded by open_model: 0 (the CPU) unless the GPU check (scripts/gpu-check) runs the backend tests
+# layers offloaded by open_model: 0 (the CPU) unless the GPU check (tools/gpu-check) runs the backend tests
 # with GGUFLOOP_TEST_NGL=-1 (every layer on the GPU) or N (the last N, a block crossing the CPU/GPU boundary)
-TEST_NGL = int(os.environ.get("GGUFLOOP_TEST_NGL", "0"))
+TEST_NGL = os.environ.get("GGUFLOOP_TEST_NGL")
 
 
 def open_model(path, loop=None, n_batch=64, **kw):
@@ -47,7 +44,8 @@ def open_model(path, loop=None, n_batch=64, **kw):
     and an F32 KV cache (an F16 cache alone puts ~3e-4 between batch shapes, looped or not)."""
     from ggufloop import LoopedLlama
 
-    kw.setdefault("n_gpu_layers", TEST_NGL)
+    if TEST_NGL is not None:  # else the library's own default (0, or -1 on RPC devices)
+        kw.setdefault("n_gpu_layers", int(TEST_NGL))
     kw.setdefault("n_ctx", 128)
     kw.setdefault("logits_all", True)
     kw.setdefault("type_k", 0)  # GGML_TYPE_F32

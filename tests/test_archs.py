@@ -1,5 +1,5 @@
 """Layer schedules on every architecture the backend allows, on llama.cpp's own random models
-(tests/archs.py): a plan equals the physically duplicated file, K = 1 is the model, the mixes'
+(tests/support/archs.py): a plan equals the physically duplicated file, K = 1 is the model, the mixes'
 defining properties hold, incremental decoding equals the whole prompt; on MoE models the routing
 freeze reaches the architecture's router. And the designs no schedule can repeat are refused with
 the layer and the reason."""
@@ -242,13 +242,36 @@ def test_designs_that_cannot_be_repeated_are_refused(tmp_path, name, values, rea
 
 def test_the_documented_list_is_the_backends():
     """README.md and docs/architectures.md list exactly what the backend allows (make archs-doc)."""
-    import importlib.util
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("archs_doc", root / "scripts" / "archs_doc.py")
-    doc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(doc)
+    doc = _archs_doc(root)
     archs = _lib.supported_archs()
     assert doc.readme_block(archs) in (root / "README.md").read_text()
-    assert (root / "docs" / "architectures.md").read_text().startswith(doc.page(archs))
+    assert doc.page_block(archs) in (root / "docs" / "architectures.md").read_text()
+
+
+def _archs_doc(root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("archs_doc", root / "tools" / "archs_doc.py")
+    doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(doc)
+    return doc
+
+
+def test_make_archs_doc_keeps_what_is_written_by_hand(tmp_path):
+    """S3 of the December review: `make archs-doc` rewrote docs/architectures.md whole, losing its
+    hand-written sections; it must replace the marked list only, in both files."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = _archs_doc(root)
+    for name in ("README.md", "docs/architectures.md"):
+        original = (root / name).read_text()
+        copy = tmp_path / Path(name).name
+        copy.write_text(original.replace("`llama`", "`not-an-arch`").replace("- llama\n", "- not-an-arch\n"))
+        block = doc.readme_block(("x", "y")) if name == "README.md" else doc.page_block(("x", "y"))
+        doc.substitute(copy, block)
+        before, _, after = original.partition(doc.BEGIN)
+        assert copy.read_text() == before + block + after.partition(doc.END)[2]

@@ -43,9 +43,9 @@ def test_bench_writes_table_plot_and_json(tiny_models, tmp_path):
 
 
 def test_bench_on_a_gpu_machines_options(tmp_path):
-    """What the GPU check asks of bench (scripts/gpu-check): chosen mixes at every K, the duplicated file
+    """What the GPU check asks of bench (tools/gpu-check): chosen mixes at every K, the duplicated file
     without the stock build, layers offloaded, and every variant again with CUDA graphs off, whose ratios
-    are taken against the unlooped variant with them off; on an F16 model as tests/tiny.py writes one."""
+    are taken against the unlooped variant with them off; on an F16 model as tests/support/tiny.py writes one."""
     import dataclasses
 
     import gguf

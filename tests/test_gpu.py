@@ -1,6 +1,6 @@
 """The loop on a GPU: a CUDA (or Metal) build's logits under every kind of plan against the same build on the
 CPU, with every layer offloaded and with a block that crosses the CPU/GPU boundary, and no op of a plan left
-to the CPU. Deselected unless `-m gpu` asks (scripts/gpu-check does, on a GPU machine); the backend tests
+to the CPU. Deselected unless `-m gpu` asks (tools/gpu-check does, on a GPU machine); the backend tests
 themselves run there too, offloaded through GGUFLOOP_TEST_NGL (tests/conftest.py).
 
 With GGUFLOOP_GPU_REPORT=FILE every comparison appends a JSON line (test, arch, plan, layers offloaded,
@@ -44,7 +44,7 @@ PLANS = (
 def _a_gpu():
     from ggufloop import _lib
 
-    # GGUFLOOP_GPU_CHECK_CPU=1: the GPU check's dry run on a CPU build (scripts/gpu-check --cpu), which proves
+    # GGUFLOOP_GPU_CHECK_CPU=1: the GPU check's dry run on a CPU build (tools/gpu-check --cpu), which proves
     # these tests run (plans, logs, report) where "GPU" and CPU are the same device
     gpus = [
         _lib.ggml_backend_dev_get(i)

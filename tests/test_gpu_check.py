@@ -1,6 +1,6 @@
 """The GPU check's preparation (`make gpu-check-prep`): the patched tree trimmed to what a build needs, small
 enough to travel, with every file the builds and the tests need, and the same patched sources as the wheel
-this suite runs on. The check itself runs on a GPU machine (scripts/gpu-check; its dry run on the CPU is
+this suite runs on. The check itself runs on a GPU machine (tools/gpu-check; its dry run on the CPU is
 `make gpu-check-cpu`, docs/gpu.md)."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_the_trimmed_tree_has_what_the_builds_need_and_travels(archive):
         f"{llama}/ggml/src/ggml-cpu/ggml-cpu.c",
         f"{llama}/ggml/src/ggml-rpc/ggml-rpc.cpp",
         f"{llama}/common/common.cpp",
-        f"{llama}/tests/test-llama-archs.cpp",  # tests/archs.py's generator
+        f"{llama}/tests/test-llama-archs.cpp",  # tests/support/archs.py's generator
     ] + [f"{llama}/tools/{tool}/CMakeLists.txt" for tool in build.KEEP_TOOLS]
     assert not [n for n in needed if n not in names]
     dropped = ("models", "docs", "examples", "tools/server", "ggml/src/ggml-vulkan", "ggml/src/ggml-metal")

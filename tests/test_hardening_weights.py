@@ -12,7 +12,6 @@ import os
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import pytest
 from numpy.lib import format as npy
 
 from ggufloop import LoopPlan, PlanError
+
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMORY_LIMIT = 2 * 2**30  # address space of a child: far below what reading any of the hostile tables takes
@@ -203,12 +204,6 @@ def test_trace_refuses_a_prompt_over_its_bound_and_an_empty_one(tiny_models, tmp
 )
 def test_rpc_addresses_that_are_not_host_port(tiny_models, rpc, message):
     one_error(ggufloop("generate", str(tiny_models["llama"][2]), "hi", "--rpc", rpc, "-n", "2", "-t", "1"), message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.rpc

@@ -105,3 +105,15 @@ def test_ray_is_imported_by_one_module():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 users.append(_module(path))
     assert sorted(set(users)) == ["ggufloop.eval.ray_executor"]
+
+
+def test_folders_hold_what_they_say():
+    """patches/ holds the series and its build only; measurement scripts live in bench/, developer scripts in
+    tools/, test helpers in tests/support/ (on pytest's pythonpath, not inserted into sys.path by the tests)."""
+    root = PKG.parent
+    allowed = {"build.py", "README.md", "tools.cmake"}
+    assert sorted(p.name for p in (root / "patches").iterdir() if p.suffix != ".patch" and p.name not in allowed) == []
+    assert (root / "bench" / "measure_rpc.py").exists() and (root / "tools" / "quietly").exists()
+    needle = "sys.path" + ".insert("  # spelled apart, or this file would find itself
+    inserts = [p.name for p in (root / "tests").glob("test_*.py") if needle in p.read_text()]
+    assert inserts == ["test_gpu_check.py"]  # patches/build.py is a script, not a package: imported by path

@@ -1,5 +1,5 @@
 """MoE routing freeze (``PLAN@freeze``, key ggufloop.loop.moe): on a tiny qwen3moe model, the backend
-against the numpy reference (tests/reference.py, whose MoE FFN is written from the architecture's
+against the numpy reference (tests/support/reference.py, whose MoE FFN is written from the architecture's
 definition), the freeze's defining properties, and its refusals."""
 
 from __future__ import annotations

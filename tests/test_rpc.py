@@ -30,6 +30,7 @@ from ggufloop.cli import main
 from ggufloop.errors import OptionError, RpcError
 
 from conftest import PROMPT, eval_logits, open_model
+from ports import free_port
 
 pytestmark = pytest.mark.rpc
 
@@ -39,12 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # 3-4 go to the first server, 5 and the output layer to the second
 NGL, SPLIT = 4, [1.0, 1.0]
 DEVICE_OF_LAYER = ["CPU", "CPU", "CPU", "server 0", "server 0", "server 1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

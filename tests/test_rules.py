@@ -1,5 +1,5 @@
 """Block rules, the paper code's weights, weight tables and decode bypass: the backend against the numpy
-reference (tests/reference.py), and the rules' defining properties."""
+reference (tests/support/reference.py), and the rules' defining properties."""
 
 from __future__ import annotations
 

@@ -26,6 +26,8 @@ from ggufloop import LoopedLlama
 from ggufloop.cli import main
 from ggufloop.plan import LoopPlan
 
+from ports import free_port
+
 openai = pytest.importorskip("openai")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,12 +37,6 @@ PLANS = {"u": "2:4x3/uniform", "e": "1:5x3/ema:0.8"}
 SAMPLING = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0}}
 PROMPT = "w1 w2 w3"
 MESSAGES = [{"role": "user", "content": "w4 w5"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

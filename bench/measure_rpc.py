@@ -8,7 +8,7 @@ device boundaries. Every process (this one, each server) runs --threads threads,
 the split adds no compute and the numbers show what the split costs: the activations that cross a
 device boundary, and one round trip per graph split.
 
-    .venv/bin/python patches/measure_rpc.py --model models/smollm2-135m-instruct.gguf
+    .venv/bin/python bench/measure_rpc.py --model models/smollm2-135m-instruct.gguf
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 
 def start(port_log: Path, threads: int) -> tuple[subprocess.Popen, int]:
-    from test_rpc import free_port
-
     from ggufloop import rpc
+
+    from ports import free_port
 
     port = free_port()
     proc = subprocess.Popen(

@@ -173,7 +173,7 @@ BIG = Spec("llama", n_layer=22, n_embd=2048, n_head=32, n_head_kv=4, head_dim=64
 
 
 def main() -> None:
-    """python tests/tiny.py OUT.gguf [--layers N --embd N --ff N]: a random F16 llama (BIG by default)."""
+    """python tests/support/tiny.py OUT.gguf [--layers N --embd N --ff N]: a random F16 llama (BIG by default)."""
     import argparse
     import dataclasses
 

@@ -1,13 +1,13 @@
 """Random GGUF models of every llama.cpp architecture, built once and cached like the wheel.
 
 llama.cpp's tests/test-llama-archs.cpp (vendored in the pinned sdist) builds a random model per
-architecture through llama_model_init_from_user and saves it with llama-model-saver. tests/archgen.cpp
+architecture through llama_model_init_from_user and saves it with llama-model-saver. tests/support/archgen.cpp
 wraps it; this module compiles it against the installed (patched) library and the patched sources,
 and saves every model it can build into ~/.cache/ggufloop/archs-<key>/ARCH-dense|moe.gguf. The key
 covers what decides the files' contents: the sdist, the generator, its depth and seed; the patch
 series does not change them (it only has to be applied for the headers to match the library).
 
-    python tests/archs.py          # build (or find) the cache and print its folder and status
+    python tests/support/archs.py          # build (or find) the cache and print its folder and status
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "patches"))
 
 import build  # noqa: E402  (patches/build.py: the pinned sdist and the patch series)

@@ -10,7 +10,7 @@ For each packaged model present in models/, side by side, with a warm page cache
   model set   llama_model_set_loop alone (no context)
   context     llama_init_from_model + llama_free (what both ways pay)
 
-    .venv/bin/python patches/measure_switch.py [--repeat 7] [--n-ctx 2048]
+    .venv/bin/python bench/measure_switch.py [--repeat 7] [--n-ctx 2048]
 """
 
 from __future__ import annotations

@@ -1,0 +1,43 @@
+"""Write the architectures the backend allows into README.md and docs/architectures.md, between their
+archs markers, as the backend lists them: `make archs-doc`. Everything outside the markers is left as
+it is (docs/architectures.md's hand-written sections too). tests/test_archs.py checks that both blocks
+still match the backend, so the list is never typed by hand."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ggufloop._lib import supported_archs
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- archs:begin (make archs-doc) -->", "<!-- archs:end -->"
+
+
+def readme_block(archs: tuple[str, ...]) -> str:
+    """The README's block: one line of names."""
+    return f"{BEGIN}\n{', '.join(f'`{a}`' for a in archs)}\n{END}"
+
+
+def page_block(archs: tuple[str, ...]) -> str:
+    """docs/architectures.md's block: a list."""
+    return f"{BEGIN}\n" + "".join(f"- {a}\n" for a in archs) + END
+
+
+def substitute(path: Path, block: str) -> None:
+    """Replace the text between path's markers (the markers included) with block."""
+    text = path.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block")
+    path.write_text(pattern.sub(lambda _: block, text))
+
+
+def main() -> None:
+    archs = supported_archs()
+    substitute(ROOT / "README.md", readme_block(archs))
+    substitute(ROOT / "docs" / "architectures.md", page_block(archs))
+
+
+if __name__ == "__main__":
+    main()
