@@ -57,13 +57,15 @@ lint: backend
 	$(VENV)/bin/ruff check ggufloop tests patches bench tools
 	$(VENV)/bin/ruff format --check ggufloop tests patches bench tools
 
-# every test but the 1.5B model's: lm-evaluation-harness's too, from its own venv (below)
+# every test but the 1.5B model's and the GPU's: lm-evaluation-harness's too, from its own venv (below); a skip
+# fails the run here (tests/support/strict_skips.py)
 test: lint models data $(LM_EVAL_VENV)/.ready
-	LM_EVAL=$(LM_EVAL_VENV)/bin/lm_eval $(PY) -m pytest -q -m "not models_large and not gpu"
+	GGUFLOOP_STRICT_SKIPS=1 LM_EVAL=$(LM_EVAL_VENV)/bin/lm_eval $(PY) -m pytest -q -m "not models_large and not gpu"
 
-# without the packaged models and the benchmark data
+# the unit and backend tiers (tests/conftest.py TIERS) on the tiny models: no packaged model, no benchmark data, no
+# other process, and without the sweep over every architecture's random model (make test runs it); about 70 s here
 test-fast: lint
-	$(PY) -m pytest -q -m "not models and not data and not models_large and not lm_eval and not gpu"
+	$(PY) -m pytest -q -m "(unit or backend) and not archs and not models and not data and not models_large and not lm_eval and not gpu"
 
 # lm-evaluation-harness in a venv of its own, torch 2.13.0 first (the CPU build these machines hold; else
 # lm-eval's dependency fetches a CUDA one of several GB), about 2 minutes to install here; `make lm-eval` runs

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks)
 
 from tiny import ARCHS, Spec, make_weights, write_model  # tests/support, on pytest's pythonpath (pyproject.toml)
 
@@ -81,3 +82,54 @@ def logits(path, loop=None, tokens=PROMPT, step=None, **kw) -> np.ndarray:
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+# -- test tiers (markers unit, backend, system): `make test-fast` runs unit and backend -----------------------
+# every test module is in one tier here; a test of another tier in a module says so with its own marker
+TIERS = {
+    "unit": ("test_layout", "test_plan", "test_search", "test_stores"),  # pure Python: no llama.cpp
+    "backend": (  # llama.cpp in this process, on tiny models (and the packaged ones where marked models)
+        "test_archs",
+        "test_backend",
+        "test_backend_keys",
+        "test_eval",
+        "test_gpu",
+        "test_gsm8k",
+        "test_hardening_results",
+        "test_mix",
+        "test_moe",
+        "test_perplexity",
+        "test_real_models",
+        "test_rules",
+        "test_trace",
+    ),
+    "system": (  # other processes: the CLI as users run it, serve, rpc-server, Ray, lm-eval, the builds
+        "test_bench",
+        "test_cli",
+        "test_cluster",
+        "test_fuzz",
+        "test_gpu_check",
+        "test_hardening_server",
+        "test_hardening_stores",
+        "test_hardening_weights",
+        "test_lm_eval",
+        "test_models_large",
+        "test_robustness",
+        "test_rpc",
+        "test_serve",
+        "test_tools",
+        "test_tune",
+    ),
+}
+TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers added here
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(name) for name in TIERS):
+            continue
+        module = item.module.__name__.rpartition(".")[2]
+        if module not in TIER_OF:
+            raise pytest.UsageError(f"{module} is in no test tier: add it to TIERS in tests/conftest.py")
+        item.add_marker(TIER_OF[module])

@@ -83,6 +83,7 @@ def test_minimum_set_is_allowed():
     assert set(MINIMUM) <= set(_lib.supported_archs())
 
 
+@pytest.mark.archs
 @pytest.mark.parametrize("name", MODELS)
 def test_architecture(name, tmp_path):
     """The four checks of one architecture, on one load of each file where it can."""
@@ -139,6 +140,7 @@ def _moe_layers(path) -> set[int]:
     return {int(t.name.split(".")[1]) for t in open_gguf(path).tensors if ".ffn_gate_inp." in t.name}
 
 
+@pytest.mark.archs
 @pytest.mark.parametrize("name", [n for n in MODELS if _moe_layers(MODELS[n])])
 def test_moe_routing_freeze(name):
     """The freeze acts on the architecture's MoE layers (it changes the looped model, so the router goes

@@ -262,6 +262,7 @@ def test_back_to_the_unlooped_model_on_a_loaded_model(tiny_models):
         llm.close()
 
 
+@pytest.mark.system
 def test_a_cuda_build_without_nvcc_is_one_line(tmp_path):
     """GGUFLOOP_BACKEND=cuda on a machine without the CUDA toolkit: one line that says what is missing
     and how to get it, before anything is downloaded or built."""

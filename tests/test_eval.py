@@ -160,6 +160,7 @@ def test_store_never_scores_twice(tiny_models, tmp_path):
     assert store.db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 10
 
 
+@pytest.mark.system
 @pytest.mark.data
 def test_killed_run_resumes(tiny_models, tmp_path):
     db = tmp_path / "r.sqlite"
@@ -205,6 +206,7 @@ def test_killed_run_resumes(tiny_models, tmp_path):
     assert "arc_easy" in done.stdout and f"{fresh[0]['plan']['acc']:.4f}" in done.stdout
 
 
+@pytest.mark.system
 @pytest.mark.data
 def test_sweep_writes_heatmap_and_csv(tiny_models, tmp_path, monkeypatch):
     args = [

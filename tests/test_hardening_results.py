@@ -90,6 +90,7 @@ def test_an_export_is_written_beside_and_renamed_into_place(scored, tmp_path):
     assert {p.name for p in tmp_path.iterdir() if not p.name.startswith("r.sqlite")} == {"rows.csv.gz"}
 
 
+@pytest.mark.system
 def test_an_export_that_fails_midway_leaves_the_old_file(scored, tmp_path):
     """A write error (here: a file-size limit of 40 kB on the child) is one line, and the target keeps its
     old contents, because the export is written beside it and only renamed into place when complete."""

@@ -117,3 +117,30 @@ def test_folders_hold_what_they_say():
     needle = "sys.path" + ".insert("  # spelled apart, or this file would find itself
     inserts = [p.name for p in (root / "tests").glob("test_*.py") if needle in p.read_text()]
     assert inserts == ["test_gpu_check.py"]  # patches/build.py is a script, not a package: imported by path
+
+
+def test_an_unexpected_skip_fails_a_strict_run(tmp_path):
+    """Under GGUFLOOP_STRICT_SKIPS=1 (make test) a skip, in a test or of a whole module (importorskip), fails
+    the run; an expected one (strict_skips.EXPECTED) does not; without the variable all three skip."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_a.py").write_text("import pytest\n\ndef test_a():\n    pytest.skip('the models are missing')\n")
+    (tmp_path / "test_b.py").write_text("import pytest\n\npytest.importorskip('no_such_module_here')\n")
+    (tmp_path / "test_c.py").write_text(
+        "import pytest\n\ndef test_c():\n    pytest.skip('root writes through file permissions')\n"
+    )
+    support = str(PKG.parent / "tests" / "support")
+
+    def run(strict: bool, *files: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": support, "GGUFLOOP_STRICT_SKIPS": "1" if strict else "0"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "strict_skips", "-p", "no:cacheprovider", *files]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    loose = run(False, "test_a.py", "test_b.py", "test_c.py")
+    assert loose.returncode == 0 and "3 skipped" in loose.stdout, loose.stdout
+    for name in ("test_a.py", "test_b.py"):
+        strict = run(True, name)
+        assert strict.returncode != 0 and "unexpected skip" in strict.stdout, strict.stdout
+    assert run(True, "test_c.py").returncode == 0

@@ -211,12 +211,9 @@ def test_a_cache_of_other_tokens_is_not_reused(tiny_models, cfg):
 # -- texts and bad input -------------------------------------------------------------------------
 
 
+@pytest.mark.data
 def test_lambada_corpus_is_the_passages_joined():
-    pytest.importorskip("pyarrow")
-    try:
-        passages = ppl.lambada_passages()
-    except Exception as err:  # the benchmark data is not installed
-        pytest.skip(str(err))
+    passages = ppl.lambada_passages()
     text = ppl.corpus("lambada")
     assert len(passages) == 5153 and text.text.startswith(passages[0] + "\n\n" + passages[1])
     assert passages[0].endswith(" signs") and text.default_chunks(512) == 195
@@ -322,6 +319,7 @@ def parse_llama_perplexity(out: str) -> dict:
         raise AssertionError(f"{err}:\n{out[-3000:]}") from None
 
 
+@pytest.mark.system
 @pytest.mark.models
 @pytest.mark.data
 @pytest.mark.parametrize("plan", ["10:15x3/uniform", "8:14x2"])

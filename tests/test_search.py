@@ -102,6 +102,7 @@ def test_split_is_deterministic_disjoint_covering_and_order_independent():
         split_task("arc_easy", ["x", "x"])
 
 
+@pytest.mark.system
 def test_split_is_the_same_in_another_process():
     items = ids("hellaswag", 300)
     code = (

@@ -383,6 +383,7 @@ def test_list_shows_both_stores_and_what_is_wrong(hf_cache, ollama, gguf, gguf_q
     assert f"Hugging Face cache ({hf_cache})" in res.output and f"ollama store ({ollama})" in res.output
 
 
+@pytest.mark.system
 def test_info_and_list_end_to_end(hf_cache, ollama, gguf, gguf_qwen):
     add_hf_files(hf_cache, REPO, {"Tiny-Q4_K_M.gguf": gguf, "Tiny-Q8_0.gguf": gguf_qwen})
     add_ollama(ollama, "registry.ollama.ai/library/tiny", "latest", gguf_qwen)
