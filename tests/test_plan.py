@@ -120,3 +120,14 @@ def test_mix_lists_keep_inline_weight_tables_whole():
     mixes = parse_mixes(f"none, uniform,{table},ema:0.3")
     assert mixes[0] == "none" and mixes[1] == "uniform" and mixes[3] == "ema:0.3"
     assert Mix.parse(mixes[2]).table == Mix.parse(table).table and len(mixes) == 4
+
+
+def test_the_top_level_help_names_every_mix():
+    """Review S8: `ggufloop --help` listed 5 of the mixes."""
+    from click.testing import CliRunner
+
+    from ggufloop.cli import main
+    from ggufloop.plan import MIXES
+
+    text = " ".join(CliRunner().invoke(main, ["--help"]).output.split())
+    assert [m for m in MIXES if m not in text] == []

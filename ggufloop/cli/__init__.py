@@ -75,7 +75,9 @@ def main() -> None:
     """Inner loop inference for GGUF models: re-run a block of layers at inference time.
 
     A plan such as 10:15x3 runs layers 0..9, then 10..14 three times, then the rest; weights
-    are shared and every pass has its own KV cache. --mix chooses how passes are combined
-    (none, uniform, ema[:beta], autoalign[:T], noise[:seed]).
+    are shared and every pass has its own KV cache. --mix chooses how passes are combined:
+    none, uniform, ema[:beta], autoalign[:T], noise[:seed]; the block rules euler[:h],
+    anchored[:beta], inputanchor[:a]; the paper code's paper-no, paper-uniform, paper-ema[:beta];
+    weights:FILE (a table); docs/method.md defines each.
     """
     report_crashes()
