@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import gguf
 import pytest
 from click.testing import CliRunner
 
@@ -87,9 +88,11 @@ def test_bake_stores_the_plan(tiny_models, tmp_path):
     llm = LoopedLlama(str(out), n_ctx=64, verbose=False)  # runs looped by default
     assert str(llm.plan) == "1:4x2/ema:0.25" and llm.virtual_depth == 9
     llm.close()
-    # the tensors are byte for byte the same
+    # the tensors are byte for byte the same (review T1: this compared the layer count and the type only)
     a, b = model_info(src), model_info(out)
     assert (a.n_layer, a.quant) == (b.n_layer, b.quant)
+    ta, tb = ({t.name: t.data.tobytes() for t in gguf.GGUFReader(p).tensors} for p in (src, out))
+    assert ta == tb and len(ta) > 10
 
 
 @pytest.mark.parametrize(
