@@ -124,10 +124,12 @@ def worker(spec: dict) -> dict:
 
 def _bypass_decode(llm, tokens: list[int], n_prompt: int) -> float:
     """Seconds to decode tokens[n_prompt:] again after the prompt, as generated tokens under decode bypass."""
+    import llama_cpp
+
     from . import _lib
 
     _lib.check(_lib.llama_set_loop_decode(llm.ctx, b"bypass"))
-    llm._ctx.kv_cache_seq_rm(-1, n_prompt, -1)
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), -1, n_prompt, -1)
     llm.n_tokens = n_prompt
     _lib.llama_set_loop_generating(llm.ctx, True)
     t0 = time.perf_counter()

@@ -377,30 +377,6 @@ def model_devices(servers: str | Sequence[str], tensor_split: Sequence[float] | 
     return DeviceList(devices, array, parse_servers(servers))
 
 
-@contextlib.contextmanager
-def loading_with_devices(devices: DeviceList | None) -> Iterator[None]:
-    """While llama-cpp-python loads a model, give the load these devices: Llama builds its model
-    parameters itself and has no way to pass them, so its model wrapper is swapped for one that sets
-    ``params.devices`` just before the load."""
-    if devices is None:
-        yield
-        return
-    from llama_cpp import _internals
-
-    plain = _internals.LlamaModel
-
-    class WithDevices(plain):
-        def __init__(self, *args, params, **kwargs) -> None:
-            params.devices = devices.pointer
-            super().__init__(*args, params=params, **kwargs)
-
-    _internals.LlamaModel = WithDevices
-    try:
-        yield
-    finally:
-        _internals.LlamaModel = plain
-
-
 # -- a server lost mid-computation --------------------------------------------------------------
 
 _handler = None

@@ -2,8 +2,9 @@
 
 Besides Llama's own API, LoopedLlama opens *side contexts* (``side_context``): llama.cpp
 contexts of their own on the same loaded weights, with several sequences, logits at chosen
-positions and an optional evaluation callback. Benchmark scoring and latent traces run on them,
-so no module reaches into Llama's private attributes.
+positions and an optional evaluation callback. Benchmark scoring and latent traces run on them
+rather than on Llama's own context. What needs llama-cpp-python's private code (a new native context
+under the wrapper when the schedule changes, the load-time substitutions) goes through ``_compat``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from . import _lib
-from .errors import BackendError
+from . import _compat, _lib
 from .gguf_io import metadata, open_gguf
 from .plan import MOES, RULES, LoopPlan, Mix
-from .rpc import loading_with_devices, model_devices, watch_connections
+from .rpc import model_devices, watch_connections
 
 # (token, position, sequence, wants logits)
 Entry = tuple[int, int, int, bool]
@@ -60,7 +60,7 @@ class LoopedLlama(llama_cpp.Llama):
             split = kwargs.get("tensor_split")
             self._devices = model_devices(rpc, tuple(split) if split is not None else None)
         try:
-            with _tolerate_broken_templates(broken), loading_with_devices(self._devices):
+            with _loading(broken, self._devices):
                 super().__init__(model_path, kv_overrides=overrides or None, **kwargs)
         except ValueError as err:
             reason = _lib.last_error()
@@ -73,7 +73,7 @@ class LoopedLlama(llama_cpp.Llama):
             self.set_mix(plan.mix)  # an override holds no weight table: it is set on the context
 
     def close(self) -> None:
-        if "_stack" in self.__dict__:  # __init__ may have refused before Llama set anything up
+        if _compat.initialized(self):  # __init__ may have refused before Llama set anything up
             super().close()
 
     # -- what the backend runs --------------------------------------------------------------
@@ -161,8 +161,7 @@ class LoopedLlama(llama_cpp.Llama):
         if why := plan.routing_refusal(self.metadata):
             raise _lib.BackendError(why)
         # the backend changes a schedule only while no context exists: free the native context, keep its wrapper
-        llama_cpp.llama_free(self._ctx.ctx)
-        self._ctx.ctx = None
+        _compat.free_context(self)
         try:
             if plan.ranges:
                 status = _lib.llama_model_set_layer_schedule(
@@ -191,7 +190,7 @@ class LoopedLlama(llama_cpp.Llama):
         ctx = llama_cpp.llama_init_from_model(self.model, self.context_params)
         if ctx is None:
             raise _lib.BackendError("llama.cpp could not create a context for the new plan")
-        self._ctx.ctx, self._ctx.memory = ctx, llama_cpp.llama_get_memory(ctx)
+        _compat.install_context(self, ctx)
         self.n_tokens = 0
 
     def set_mix(self, mix: Mix | str) -> None:
@@ -445,36 +444,16 @@ def broken_chat_templates(meta: dict[str, Any]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _tolerate_broken_templates(broken: dict[str, str]) -> Iterator[None]:
-    """While Llama loads a file whose chat template does not compile, let it load (completions need
-    no template) and give chat requests a one-line error instead. Llama compiles every template of
-    the file while it loads, so its formatter class is swapped for a tolerant one for that time."""
-    if not broken:
+def _loading(broken: dict[str, str], devices: Any) -> Iterator[None]:
+    """What Llama's load needs beyond its arguments: tolerance of a chat template that does not compile (a
+    chat then gets a one-line error; completions need no template), and the RPC servers' devices."""
+    with contextlib.ExitStack() as stack:
+        if broken:
+            reason = "; ".join(f"{k}: {v}" for k, v in broken.items())
+            stack.enter_context(_compat.tolerating_broken_templates(f"the model's chat template is broken ({reason})"))
+        if devices is not None:
+            stack.enter_context(_compat.loading_with_devices(devices.pointer))
         yield
-        return
-    from llama_cpp import llama_chat_format
-
-    plain = llama_chat_format.Jinja2ChatFormatter
-    reason = "; ".join(f"{k}: {v}" for k, v in broken.items())
-
-    class Tolerant(plain):
-        def __init__(self, template: str, *args: Any, **kwargs: Any) -> None:
-            try:
-                super().__init__(template, *args, **kwargs)
-                self.error = None
-            except Exception:
-                self.template, self.error = template, f"the model's chat template is broken ({reason})"
-
-        def __call__(self, **kwargs: Any) -> Any:
-            if self.error:
-                raise BackendError(self.error)
-            return super().__call__(**kwargs)
-
-    llama_chat_format.Jinja2ChatFormatter = Tolerant
-    try:
-        yield
-    finally:
-        llama_chat_format.Jinja2ChatFormatter = plain
 
 
 def _set_backend_mix(ctx: Any, mix: Mix, start: int = 0, end: int = 0) -> None:

@@ -81,6 +81,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import _compat
 from .errors import BackendError, PlanError
 from .numeric import log_softmax
 from .plan import LoopPlan
@@ -116,8 +117,6 @@ PLAN_FIELDS = frozenset(
     }
 )
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+@~-]+){2,}[\\/]?")
-# llama-cpp-python's refusal of a prompt that does not fit the context
-_TOO_LONG = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -337,7 +336,7 @@ class PlanServer:
         end-of-generation token would (llama-cpp-python then finishes the answer with the text so far;
         ``run`` and ``stream`` report finish_reason "length"). Checked before each token after the first."""
         generate = self.llm.generate
-        vocab = self.llm._model.vocab
+        vocab = _compat.vocab(self.llm)
         ends = [t for t in (self.llm.token_eos(), llama_cpp.llama_vocab_eot(vocab)) if t >= 0]
         end = next((t for t in ends if llama_cpp.llama_vocab_is_eog(vocab, t)), None)
 
@@ -438,7 +437,7 @@ class PlanServer:
         """What lm-evaluation-harness's remote tokenizer asks of a server (vLLM's ``/tokenizer_info``):
         the special tokens as text, whether the model adds a BOS, the chat template, the context."""
         llm = self.llm
-        vocab = llm._model.vocab
+        vocab = _compat.vocab(llm)
 
         def text(token: int) -> str | None:
             return _piece(vocab, token).decode("utf-8", "replace") if token >= 0 else None
@@ -448,7 +447,7 @@ class PlanServer:
             "bos_token": text(llm.token_bos()),
             "eos_token": text(llm.token_eos()),
             "pad_token": None,
-            "add_bos_token": bool(llm._model.add_bos_token()),
+            "add_bos_token": _compat.adds_bos(llm),
             "chat_template": llm.metadata.get("tokenizer.chat_template"),
             "model_max_length": llm.n_ctx(),
         }
@@ -535,11 +534,11 @@ class PlanServer:
         and ``echo``: the prompt's log-probabilities from a side context under the current plan, the
         generated tokens' from the logits they were sampled from (run it under the lock)."""
         prompt = kwargs["prompt"]
-        vocab = llm._model.vocab
+        vocab = _compat.vocab(llm)
         if isinstance(prompt, str):  # as llama-cpp-python tokenizes a completion's prompt
             data = prompt.encode("utf-8")
             body = llm.tokenize(data, add_bos=False, special=True) if prompt else []
-            bos = [llm.token_bos()] if llm._model.add_bos_token() and llm.token_bos() >= 0 else []
+            bos = [llm.token_bos()] if _compat.adds_bos(llm) and llm.token_bos() >= 0 else []
         else:  # token ids: as given, no BOS added (as llama-cpp-python does); echoed as their pieces
             body, bos = list(prompt), []
             data = b"".join(_piece(vocab, t) for t in body)
@@ -675,11 +674,10 @@ def _unsupported(name: str) -> ServeError:
 def _too_long(err: ValueError, field: str) -> Exception:
     """llama-cpp-python's refusal of a prompt longer than the context as a 400 naming both counts;
     any other ValueError as it was."""
-    match = _TOO_LONG.search(str(err))
-    if match is None:
+    counts = _compat.prompt_exceeds_context(err)
+    if counts is None:
         return err
-    n_prompt, n_ctx = match.groups()
-    return _too_long_error(int(n_prompt), int(n_ctx), field)
+    return _too_long_error(*counts, field)
 
 
 def _too_long_error(n_prompt: int, n_ctx: int, field: str, generate: bool = True) -> ServeError:

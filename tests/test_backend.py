@@ -281,3 +281,40 @@ def test_a_cuda_build_without_nvcc_is_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stdout == "", (proc.stdout, proc.stderr)
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("build: error: the cuda backend needs nvcc")
     assert "/usr/local/cuda/bin" in proc.stderr and not (tmp_path / "cache").exists()
+
+
+def test_a_load_time_substitution_acts_for_its_own_thread_only():
+    """_compat's substitutions of llama-cpp-python classes are scoped: while one thread loads a file whose
+    chat template is broken (its formatter tolerates it, and errs only when a chat asks), the same class used
+    in another thread meanwhile behaves as llama-cpp-python's own (it raises on the broken template)."""
+    import threading
+
+    from llama_cpp import llama_chat_format
+
+    from ggufloop import _compat
+    from ggufloop.errors import BackendError
+
+    broken = "{% for m in messages %}{{ m.content }"
+    plain = llama_chat_format.Jinja2ChatFormatter
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def loader() -> None:
+        with _compat.tolerating_broken_templates("the template is broken"):
+            seen["loader"] = llama_chat_format.Jinja2ChatFormatter(broken, eos_token="", bos_token="")
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=loader)
+    t.start()
+    assert inside.wait(10)
+    try:
+        assert llama_chat_format.Jinja2ChatFormatter is not plain  # substituted for the loading thread's load
+        with pytest.raises(Exception) as other:
+            llama_chat_format.Jinja2ChatFormatter(broken, eos_token="", bos_token="")
+        assert not isinstance(other.value, BackendError)  # jinja2's own error, as without ggufloop
+    finally:
+        release.set()
+        t.join(10)
+    assert llama_chat_format.Jinja2ChatFormatter is plain
+    with pytest.raises(BackendError, match="the template is broken"):
+        seen["loader"](messages=[{"role": "user", "content": "hi"}])

@@ -144,3 +144,29 @@ def test_an_unexpected_skip_fails_a_strict_run(tmp_path):
         strict = run(True, name)
         assert strict.returncode != 0 and "unexpected skip" in strict.stdout, strict.stdout
     assert run(True, "test_c.py").returncode == 0
+
+
+def test_only_compat_touches_llama_cpp_pythons_private_code():
+    """llama-cpp-python's private attributes and modules (Llama._ctx, ._model, ._stack, llama_cpp._internals),
+    reassignments of its classes and matches on its exception wording live in ggufloop/_compat.py only."""
+    private = {"_ctx", "_model", "_stack", "_internals"}
+    wording = ("llama_decode returned", "exceed context window")
+    found = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                found.append(f"{_module(path)}:{node.lineno} .{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llama_cpp"):
+                found += [f"{_module(path)}:{node.lineno} {a.name}" for a in node.names if a.name in private]
+            elif isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id.startswith("llama_")
+                for t in node.targets
+            ):
+                found.append(f"{_module(path)}:{node.lineno} reassigns a llama-cpp-python name")
+            elif (
+                isinstance(node, ast.Constant) and isinstance(node.value, str) and any(w in node.value for w in wording)
+            ):
+                found.append(f"{_module(path)}:{node.lineno} matches llama-cpp-python's wording")
+    assert found == []

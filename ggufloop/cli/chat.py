@@ -35,7 +35,9 @@ def stream_reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str
                 parts.append(text)
                 n += 1
     except RuntimeError as err:  # llama.cpp found no room in the KV cache for the next token
-        if "llama_decode returned 1" not in str(err) or not parts:
+        from .._compat import context_is_full
+
+        if not context_is_full(err) or not parts:
             raise
         click.secho(" (the answer reached the end of the context)", fg="yellow", err=True)
     finally:
@@ -54,7 +56,9 @@ def reply(llm, messages: list[dict], max_tokens: int, temp: float) -> str | None
         try:
             return stream_reply(llm, messages, max_tokens, temp)
         except ValueError as err:
-            if "exceed context window" not in str(err):
+            from .._compat import prompt_exceeds_context
+
+            if prompt_exceeds_context(err) is None:
                 raise
         first = 1 if messages[0]["role"] == "system" else 0
         if len(messages) - first <= 1:  # only the new message left
