@@ -11,7 +11,7 @@ Notation (slice semantics, as everywhere in ggufloop):
   ``10:15x3/autoalign:0.5`` softmax over passes of cos(reference, pass)/T, T = 0.5
   ``10:15x3/noise:7``    the paper's random-direction control, seed 7
   ``10:15x6/anchored``   a block rule, once per pass at the block's last layer: ``euler[:h]``,
-                         ``anchored[:beta]``, ``inputanchor[:a]``
+                         ``anchored[:beta]``, ``inputanchor[:a]``, ``momentum[:mu]``
   ``10:15x3/paper-ema``  the paper code's softmax'd rows: ``paper-no``, ``paper-uniform``, ``paper-ema[:beta]``
   ``10:15x3/weights:w.json`` a per-layer weight table from a JSON or .npy file, or inline JSON
                          (``weights:[[1,0],[0.5,0.5]]``); docs/method.md gives the layout
@@ -31,13 +31,13 @@ from typing import BinaryIO
 
 from .errors import PlanError
 
-BLOCK_RULES = ("euler", "anchored", "inputanchor")  # once per pass, at the block's last layer
+BLOCK_RULES = ("euler", "anchored", "inputanchor", "momentum")  # once per pass, at the block's last layer
 PAPER_RULES = ("paper-no", "paper-uniform", "paper-ema")  # the paper code's preset rows, softmax'd
 RULES = BLOCK_RULES + PAPER_RULES + ("weights",)  # the backend's rule table (llama_set_loop_rule)
 MIXES = ("none", "uniform", "ema", "autoalign", "noise") + RULES
 # a rule's default parameter; None: it has none, or one that depends on the plan (euler's h = 1/K)
-RULE_DEFAULTS: dict[str, float | None] = {"anchored": 0.5, "inputanchor": 0.5, "paper-ema": 0.5}
-RULE_PARAMS = ("euler", "anchored", "inputanchor", "paper-ema")  # the rules that take a parameter, in [0, 1]
+RULE_DEFAULTS: dict[str, float | None] = {"anchored": 0.5, "inputanchor": 0.5, "momentum": 0.5, "paper-ema": 0.5}
+RULE_PARAMS = ("euler", "anchored", "inputanchor", "momentum", "paper-ema")  # the rules with a parameter, in [0, 1]
 DECODES = ("full", "bypass")
 MOES = ("free", "freeze")  # MoE routing of the later passes: their own, or pass 0's (routing freeze)
 DEFAULT_BETA = 0.5

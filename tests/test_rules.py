@@ -15,7 +15,7 @@ from ggufloop.plan import Mix
 from conftest import PROMPT, TOL, eval_logits, logits, open_model, rel_err
 from reference import forward, paper_row
 
-RULES = ["euler", "euler:0.5", "anchored", "anchored:0.3", "inputanchor:0.7"]
+RULES = ["euler", "euler:0.5", "anchored", "anchored:0.3", "inputanchor:0.7", "momentum", "momentum:0.9"]
 RULES += ["paper-no", "paper-uniform", "paper-ema:0.3"]
 TABLE = "weights:[[1,0,0],[0.25,0.75,0],[0.5,-0.25,0.75]]"
 
@@ -38,7 +38,17 @@ def test_rule_matches_numpy(tiny_models, arch, mix):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
-@pytest.mark.parametrize("plan", ["0:3x2/euler:0.5", "0:2x3/anchored", "0:3x3/inputanchor:0.7", "3:6x3/anchored:0.3"])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        "0:3x2/euler:0.5",
+        "0:2x3/anchored",
+        "0:3x3/inputanchor:0.7",
+        "3:6x3/anchored:0.3",
+        "0:3x4/momentum",
+        "3:6x3/momentum:0.8",
+    ],
+)
 def test_block_rule_at_the_first_and_last_layers(tiny_models, arch, plan):
     """x0 is the input of layer 0 (the scaled embeddings on gemma3); at the last layer the rows are pruned."""
     spec, weights, path = tiny_models[arch]
@@ -60,6 +70,10 @@ def test_rule_properties(tiny_models, arch):
     assert rel_err(logits(path, "1:4x3/paper-uniform"), logits(path, "1:4x3/uniform")) < 1e-5
     ema = logits(path, "1:4x3/ema:0.3")
     assert rel_err(logits(path, "1:4x3/weights:[[1,0,0],[0.7,0.3,0],[0.7,0,0.3]]"), ema) < 1e-5
+    # heavy ball without momentum is damped Euler; at K = 1 it has no earlier step, so it is the model
+    assert rel_err(logits(path, "1:4x3/momentum:0"), logits(path, "1:4x3/euler")) < 1e-6
+    assert rel_err(logits(path, "1:4x1/momentum:0.9"), base) < 1e-6
+    assert rel_err(logits(path, "1:4x3/momentum:0.9"), logits(path, "1:4x3/euler")) > 1e-3
     # a K = 1 block rule still acts: x1 = x0 + h (g(x0) - x0)
     plan = LoopPlan.parse("1:4x1/euler:0.5")
     assert rel_err(logits(path, plan), reference(spec, weights, plan)) < TOL[arch]
@@ -75,7 +89,7 @@ def test_paper_rows_are_the_published_codes():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("mix", ["euler", "anchored", "inputanchor:0.7", "paper-no", TABLE])
+@pytest.mark.parametrize("mix", ["euler", "anchored", "inputanchor:0.7", "momentum", "paper-no", TABLE])
 def test_incremental_decoding_matches_full_prompt(tiny_models, arch, mix):
     _, _, path = tiny_models[arch]
     llm = open_model(path, f"1:4x3/{mix}")
@@ -106,7 +120,7 @@ def _chat(llm, turns, flag: bool = True) -> np.ndarray:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
-@pytest.mark.parametrize("mix", ["none", "anchored", "uniform", "paper-ema"])
+@pytest.mark.parametrize("mix", ["none", "anchored", "momentum", "uniform", "paper-ema"])
 def test_bypass_over_two_chat_turns_matches_numpy(tiny_models, arch, mix):
     spec, weights, path = tiny_models[arch]
     plan = LoopPlan.parse(f"1:4x3/{mix}@bypass")
@@ -184,13 +198,15 @@ def test_generate_runs_sampled_tokens_as_generated(tiny_models):
 
 def test_notation_round_trips():
     for text in ["10:15x6/anchored", "10:15x6/anchored:0.3@bypass", "10:15x3/euler", "10:15x3/euler:0.25",
-                 "10:15x3@bypass", "10:15x2/weights:[[1.0,0.0],[0.5,0.5]]", "10:15x3/paper-ema:0.3"]:  # fmt: skip
+                 "10:15x3@bypass", "10:15x2/weights:[[1.0,0.0],[0.5,0.5]]", "10:15x3/paper-ema:0.3",
+                 "10:15x4/momentum", "10:15x4/momentum:0.25"]:  # fmt: skip
         plan = LoopPlan.parse(text)
         assert str(plan) == text and LoopPlan.parse(str(plan)) == plan
         meta = {key: value for key, _, value in plan.metadata()}
         assert LoopPlan.from_metadata({k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}) == plan
     assert str(LoopPlan.parse("10:15x6/anchored:0.5@full")) == "10:15x6/anchored"
     assert LoopPlan.parse("10:15x6/inputanchor").mix.param == 0.5
+    assert LoopPlan.parse("10:15x6/momentum").mix.param == 0.5
     assert LoopPlan.parse("10:15x6/euler").mix.param is None  # 1/K
 
 

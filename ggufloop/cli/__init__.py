@@ -77,7 +77,7 @@ def main() -> None:
     A plan such as 10:15x3 runs layers 0..9, then 10..14 three times, then the rest; weights
     are shared and every pass has its own KV cache. --mix chooses how passes are combined:
     none, uniform, ema[:beta], autoalign[:T], noise[:seed]; the block rules euler[:h],
-    anchored[:beta], inputanchor[:a]; the paper code's paper-no, paper-uniform, paper-ema[:beta];
-    weights:FILE (a table); docs/method.md defines each.
+    anchored[:beta], inputanchor[:a], momentum[:mu]; the paper code's paper-no, paper-uniform,
+    paper-ema[:beta]; weights:FILE (a table); docs/method.md defines each.
     """
     report_crashes()

@@ -28,8 +28,8 @@ LOOP_HELP = (
 DEFAULT_CTX = 2048
 MIX_HELP = (
     "How passes are mixed: none, uniform, ema[:beta], autoalign[:T], noise[:seed]; block rules euler[:h], "
-    "anchored[:beta], inputanchor[:a]; the paper code's paper-no, paper-uniform, paper-ema[:beta]; "
-    "weights:FILE (.json or .npy table, docs/method.md)."
+    "anchored[:beta], inputanchor[:a], momentum[:mu]; the paper code's paper-no, paper-uniform, "
+    "paper-ema[:beta]; weights:FILE (.json or .npy table, docs/method.md)."
 )
 DECODE_HELP = (
     "What generated tokens run: full (the plan) or bypass (the block once; prompts still run the plan). "

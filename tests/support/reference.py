@@ -139,8 +139,14 @@ def paper_row(name: str, t: int, param: float) -> np.ndarray:
     return e / e.sum()
 
 
-def block_step(name: str, x0: np.ndarray, x: np.ndarray, g: np.ndarray, natural: np.ndarray, t: int, K: int, p):
-    """The block's next input after pass t (its output after the last pass), for a block rule."""
+BLOCK_RULES = ("euler", "anchored", "inputanchor", "momentum")
+
+
+def block_step(
+    name: str, x0: np.ndarray, x: np.ndarray, g: np.ndarray, natural: np.ndarray, t: int, K: int, p, prev: np.ndarray
+):
+    """The block's next input after pass t (its output after the last pass), for a block rule; ``prev`` is the
+    block's input at pass t - 1 (x0 at pass 0)."""
     if name == "euler":
         h = 1.0 / K if p is None else p
         return x + h * (g - x)
@@ -149,6 +155,8 @@ def block_step(name: str, x0: np.ndarray, x: np.ndarray, g: np.ndarray, natural:
         return p * natural + (1 - p) * h if t == K - 1 else h
     if name == "inputanchor":
         return p * g + (1 - p) * x0
+    if name == "momentum":  # heavy ball: a damped Euler step plus mu times the last step taken
+        return x + (g - x) / K + (p * (x - prev) if t else 0.0)
     raise ValueError(name)
 
 
@@ -222,7 +230,7 @@ def forward(
         outs: list[list[np.ndarray]] = [[] for _ in range(m)]
         inputs0: list[np.ndarray] = []  # the pass-0 input of each block layer
         routes: list[list | None] = [[] if moe == "freeze" else None for _ in range(m)]
-        x0 = x_in = x
+        x0 = x_in = x_prev = x
         for t in range(count):
             for j in range(m):
                 il = start + j
@@ -230,10 +238,11 @@ def forward(
                     inputs0.append(x)
                 x = np.where(gen[:, None], inputs0[j], x)  # generated tokens: pass-0 inputs (and K/V)
                 outs[j].append(layer(spec, layers[il], x, pos, swa[il], routes[j]))
-                if mix in ("euler", "anchored", "inputanchor"):
+                if mix in BLOCK_RULES:
                     x = outs[j][-1]
                     if j == m - 1:
-                        x = x_in = block_step(mix, x0, x_in, x, outs[m - 1][0], t, count, param)
+                        x = block_step(mix, x0, x_in, x, outs[m - 1][0], t, count, param, x_prev)
+                        x_prev, x_in = x_in, x
                     continue
                 virtual = start + t * m + j
                 noise = noise_directions(seed, virtual, pos, spec.n_embd) if mix == "noise" and t else None
