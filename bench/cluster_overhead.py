@@ -1,7 +1,7 @@
 """The overhead of scoring on a Ray cluster (docs/cluster.md): `sweep --jobs` against `sweep --cluster` on a
 loopback cluster, and the round trip of an empty Ray task.
 
-    .venv/bin/python bench/cluster_overhead.py models/smollm2-135m-instruct.gguf piqa 32 2 10:12 2:4
+    .venv/bin/python bench/cluster_overhead.py smollm2-135m-instruct piqa 32 2 10:12 2:4
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ device boundaries. Every process (this one, each server) runs --threads threads,
 the split adds no compute and the numbers show what the split costs: the activations that cross a
 device boundary, and one round trip per graph split.
 
-    .venv/bin/python bench/measure_rpc.py --model models/smollm2-135m-instruct.gguf
+    .venv/bin/python bench/measure_rpc.py --model smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def run_once(llm, prompt: list[int], n_decode: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct.gguf"))
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a packaged name or a GGUF path")
     ap.add_argument("--prompt", type=int, default=128, help="prefill tokens")
     ap.add_argument("--decode", type=int, default=32, help="decode steps")
     ap.add_argument("--repeat", type=int, default=3)
@@ -72,6 +72,9 @@ def main() -> None:
     from ggufloop import LoopedLlama, _lib, model_info
 
     _lib.quiet_logs()
+    from ggufloop.models import resolve
+
+    args.model = str(resolve(args.model))
     info = model_info(args.model)
     L = info.n_layer
     # layers of the split: CPU 0..c-1, server 1 c..m-1, server 2 m..L-1 (+ output), even split

@@ -24,8 +24,8 @@ from pathlib import Path
 import llama_cpp
 
 from ggufloop import LoopedLlama, _lib
+from ggufloop.models import CATALOG
 
-ROOT = Path(__file__).resolve().parent.parent
 _QUIET = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
 MODELS = ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"]
 
@@ -100,7 +100,7 @@ def main() -> None:
     print("| model | size MB | " + " | ".join(cols) + " |")
     print("|---|---:|" + "---:|" * len(cols))
     for name in MODELS:
-        path = ROOT / "models" / f"{name}.gguf"
+        path = CATALOG[name].path
         if not path.exists():
             print(f"| {name} | (not fetched: make models) |")
             continue

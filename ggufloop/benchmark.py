@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import paths
 from .gguf_io import model_info
 from .plan import MIXES as PLAN_MIXES
 from .plan import LoopPlan
 
-ROOT = Path(__file__).resolve().parent.parent
-STOCK_PYTHON = ROOT / ".venv-stock" / "bin" / "python"
+STOCK_PYTHON = paths.stock_python()  # GGUFLOOP_STOCK_PYTHON, else .venv-stock/bin/python here (make stock)
 # every mix and rule is measured at K = 3; a weight table costs what the paper-* rules cost (same ops)
 MIXES = tuple(m for m in PLAN_MIXES if m not in ("none", "weights"))
 
@@ -149,7 +149,6 @@ def run_variant(v: Variant, threads: int, n_prompt: int, n_decode: int, n_gpu_la
         [v.python, "-m", "ggufloop.benchmark", json.dumps(spec)],
         capture_output=True,
         text=True,
-        cwd=ROOT,
         env={**os.environ, **v.env},
     )
     if proc.returncode != 0:

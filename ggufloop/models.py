@@ -24,10 +24,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import stores
+from . import paths, stores
 from .errors import ModelFetchError, ModelFileError
 
-MODELS_DIR = Path(os.environ.get("GGUFLOOP_MODELS", Path(__file__).resolve().parent.parent / "models"))
+MODELS_DIR = paths.models_dir()  # GGUFLOOP_MODELS, else ~/.local/share/ggufloop/models (ggufloop.paths)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _compat, _lib
 from .gguf_io import metadata, open_gguf
-from .plan import MOES, RULES, LoopPlan, Mix
+from .plan import DECODES, MOES, RULES, LoopPlan, Mix
 from .rpc import model_devices, watch_connections
 
 # (token, position, sequence, wants logits)
@@ -210,8 +210,8 @@ class LoopedLlama(llama_cpp.Llama):
         in the later passes' KV slots). Prompt tokens always run the plan. Keeps the KV cache: both modes
         leave well-defined K/V for every pass (docs/method.md, "Looping the prompt only")."""
         self._check_idle()
-        if decode not in ("full", "bypass"):
-            raise _lib.BackendError(f"unknown decode mode {decode!r}: expected full or bypass")
+        if decode not in DECODES:
+            raise _lib.BackendError(f"unknown decode mode {decode!r}: expected {' or '.join(DECODES)}")
         if decode == "bypass" and not self.plan.end:
             raise _lib.BackendError("decode bypass needs a start:end xcount plan")
         _lib.check(_lib.llama_set_loop_decode(self.ctx, decode.encode()))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks)
 
+from strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks)
 from tiny import ARCHS, Spec, make_weights, write_model  # tests/support, on pytest's pythonpath (pyproject.toml)
 
 # tolerance between two F32 computations of one model (batch shapes, numpy): 1e-4; gemma3's GELU

@@ -281,3 +281,14 @@ def test_chat_compare_answers_again_without_the_plan(tiny_models):
     llm.close()
     unlooped = out.split("--- without the plan (plan none, virtual depth 6 of 6 layers):\n", 1)[1].split("\n", 1)[0]
     assert unlooped == want["choices"][0]["message"]["content"]
+
+
+@pytest.mark.models
+def test_models_path_prints_the_files(tiny_models):
+    from ggufloop.models import CATALOG
+
+    res = run("models", "path", "smollm2-135m-instruct", str(tiny_models["llama"][2]))
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines() == [str(CATALOG["smollm2-135m-instruct"].path), str(tiny_models["llama"][2])]
+    bad = run("models", "path", "no-such-model")
+    assert bad.exit_code == 1 and bad.output.startswith("error: ") and bad.output.count("\n") == 1

@@ -170,3 +170,25 @@ def test_only_compat_touches_llama_cpp_pythons_private_code():
             ):
                 found.append(f"{_module(path)}:{node.lineno} matches llama-cpp-python's wording")
     assert found == []
+
+
+def test_the_library_finds_its_folders_through_paths_only(monkeypatch, tmp_path):
+    """Review P5: the library found models/ and the stock build relative to its source checkout. No module
+    derives a folder from where ggufloop's source lies; ggufloop.paths reads the environment (XDG)."""
+    assert [_module(p) for p in PKG.rglob("*.py") if "Path(__file__)" in p.read_text()] == []
+    from ggufloop import paths
+
+    for var in ("GGUFLOOP_MODELS", "GGUFLOOP_CACHE", "GGUFLOOP_STOCK_PYTHON", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert paths.models_dir() == tmp_path / ".local" / "share" / "ggufloop" / "models"
+    assert paths.cache_dir() == tmp_path / ".cache" / "ggufloop"
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/ignored")  # the XDG spec: only absolute paths count
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
+    assert paths.models_dir() == tmp_path / ".local" / "share" / "ggufloop" / "models"
+    assert paths.cache_dir() == tmp_path / "c" / "ggufloop"
+    monkeypatch.setenv("GGUFLOOP_MODELS", str(tmp_path / "m"))
+    monkeypatch.setenv("GGUFLOOP_CACHE", str(tmp_path / "k"))
+    monkeypatch.setenv("GGUFLOOP_STOCK_PYTHON", "/opt/stock/bin/python")
+    assert (paths.models_dir(), paths.cache_dir()) == (tmp_path / "m", tmp_path / "k")
+    assert str(paths.stock_python()) == "/opt/stock/bin/python"

@@ -408,9 +408,9 @@ def test_bad_plans_are_one_error_line(tiny, args, message):
 
 @pytest.mark.models
 def test_smollm2_plans_chat_and_stream():
-    path = ROOT / "models" / "smollm2-135m-instruct.gguf"
-    if not path.exists():
-        pytest.skip("models/smollm2-135m-instruct.gguf is not present (make models)")
+    from ggufloop.models import CATALOG
+
+    path = CATALOG["smollm2-135m-instruct"].path  # marked models: make models has fetched it
     srv = Server(path, "--plan", "uniform=10:15x3/uniform", "-c", "512")
     try:
         client = srv.client()

@@ -22,8 +22,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ggufloop.paths import models_dir
+
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / "models" / "smollm2-135m-instruct.gguf"
+MODEL = models_dir() / "smollm2-135m-instruct.gguf"
 
 
 @dataclass
@@ -122,7 +124,7 @@ class Outcome:
 def run(tree: Path, args: list[str], tmp: Path) -> Outcome:
     python = tree / ".venv" / "bin" / "python"
     args = [a.replace("{model}", str(MODEL)).replace("{tmp}", str(tmp)) for a in args]
-    env = dict(os.environ, GGUFLOOP_MODELS=str(ROOT / "models"), PYTHONPATH=str(tree))
+    env = dict(os.environ, GGUFLOOP_MODELS=str(models_dir()), PYTHONPATH=str(tree))
     try:
         proc = subprocess.run(
             [str(python), "-m", "ggufloop", *args], capture_output=True, text=True, timeout=300, cwd=tmp, env=env

@@ -19,6 +19,8 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ggufloop.paths import models_dir
+
 ROOT = Path(__file__).resolve().parents[2]
 BEFORE = "2b7f0c2"
 TESTS = [
@@ -53,7 +55,7 @@ def main() -> None:
     subprocess.run(["git", "worktree", "add", "-q", "--detach", str(old), BEFORE], cwd=ROOT, check=True)
     try:
         (old / "models").rmdir() if (old / "models").is_dir() else None
-        (old / "models").symlink_to(ROOT / "models")
+        (old / "models").symlink_to(models_dir())  # the old tree finds models in its checkout
         for t in {t.split("::")[0] for t in TESTS}:
             shutil.copyfile(ROOT / t, old / t)
         before, after = run(old, tmp / "before.xml"), run(ROOT, tmp / "after.xml")

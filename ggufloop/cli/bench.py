@@ -58,17 +58,20 @@ def command(
     output: str,
 ) -> None:
     """Measure prefill and decode speed and memory of looping on MODELS (default: those `make models` fetches)."""
-    from .. import plots
-    from ..benchmark import ROOT, STOCK_PYTHON, Result, cpu_name, markdown, page, run_variant, summarize, variants
+    from .. import paths, plots
+    from ..benchmark import STOCK_PYTHON, Result, cpu_name, markdown, page, run_variant, summarize, variants
     from ..gguf_io import model_info
     from ..models import fetch_default, resolve
 
     quiet_llama_logs()
     stock = not no_stock
     if stock and not STOCK_PYTHON.exists():
-        raise FileNotFoundError("the stock build is missing: run `make stock`, or pass --no-stock")
+        raise FileNotFoundError(
+            f"the stock build is missing ({STOCK_PYTHON}): run `make stock` here or set GGUFLOOP_STOCK_PYTHON, "
+            "or pass --no-stock"
+        )
     out_dir = writable_dir(output)
-    work = ROOT / "build" / "bench"
+    work = paths.cache_dir() / "bench"  # the duplicated files
     work.mkdir(parents=True, exist_ok=True)
     ks = parse_counts(counts)
     # naive looping (mix none) is timed at every K anyway

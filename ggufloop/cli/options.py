@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import OptionError
+from ..plan import DECODES, MOES, LoopPlan, Mix
 from ..plan import MIXES as PLAN_MIXES
-from ..plan import LoopPlan, Mix
 
 if TYPE_CHECKING:
     from ..gguf_io import ModelInfo
@@ -48,12 +48,8 @@ def plan_options(
     ``loop``, ``mix``, ``decode`` and ``moe`` (combine them with ``plan_from``)."""
 
     def decorate(fn: Callable) -> Callable:
-        fn = click.option(
-            "--moe", default=None, type=click.Choice(["free", "freeze"]), metavar="ROUTING", help=MOE_HELP
-        )(fn)
-        fn = click.option(
-            "--decode", default=None, type=click.Choice(["full", "bypass"]), metavar="MODE", help=DECODE_HELP
-        )(fn)
+        fn = click.option("--moe", default=None, type=click.Choice(MOES), metavar="ROUTING", help=MOE_HELP)(fn)
+        fn = click.option("--decode", default=None, type=click.Choice(DECODES), metavar="MODE", help=DECODE_HELP)(fn)
         fn = click.option("--mix", default=None, metavar="MIX", help=MIX_HELP + " Default: the plan's own.")(fn)
         return click.option(
             "--loop",

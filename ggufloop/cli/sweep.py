@@ -15,7 +15,7 @@ import click
 
 from ..errors import OptionError, PlanError, TaskError
 from ..eval.store import Store
-from ..plan import LoopPlan, Mix
+from ..plan import DECODES, LoopPlan, Mix
 from .options import store_options
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 @click.option("--threads", "-t", type=click.IntRange(1), default=None, help="Threads in all (split over jobs).")
 @click.option(
     "--decode",
-    type=click.Choice(["full", "bypass"]),
+    type=click.Choice(DECODES),
     default="full",
     show_default=True,
     help="What generated tokens run (gsm8k): every block's plan, or the block once (@bypass).",

@@ -25,9 +25,10 @@ def command(name: str | None, loop: str | None, mix: str | None, decode: str | N
 
     \b
       ggufloop tools
-      ggufloop bake smollm2-135m-instruct --loop 10:15x3/uniform -o looped.gguf
-      $(ggufloop tools llama-bench) -m models/smollm2-135m-instruct.gguf -m looped.gguf
-      $(ggufloop tools llama-completion) -m models/smollm2-135m-instruct.gguf -no-cnv -n 32 \\
+      M=$(ggufloop models path smollm2-135m-instruct)
+      ggufloop bake "$M" --loop 10:15x3/uniform -o looped.gguf
+      $(ggufloop tools llama-bench) -m "$M" -m looped.gguf
+      $(ggufloop tools llama-completion) -m "$M" -no-cnv -n 32 \\
           -p "The capital of France is" $(ggufloop tools --loop 10:15x3/uniform)
     """
     from .. import tools

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "patches"))
 
+from ggufloop import paths  # noqa: E402
+
 import build  # noqa: E402  (patches/build.py: the pinned sdist and the patch series)
 
 GENERATOR = Path(__file__).resolve().parent / "archgen.cpp"
@@ -39,7 +41,7 @@ def cache_dir() -> Path:
     h = hashlib.sha256()
     for part in (build.SDIST_SHA256, GENERATOR.read_text(), FIXTURE_DEPTH, str(N_LAYER), str(SEED)):
         h.update(part.encode() + b"\0")
-    return build.default_cache() / f"archs-{h.hexdigest()[:16]}"
+    return paths.cache_dir() / f"archs-{h.hexdigest()[:16]}"
 
 
 def _libdirs() -> list[Path]:
@@ -58,7 +60,7 @@ def _compile(work: Path) -> Path:
         for d in ("include", "ggml/include", "src", "common", "tests"):
             shutil.copytree(Path(tree) / d, src / d)
     else:
-        with tarfile.open(build.fetch_sdist(build.default_cache())) as tar:
+        with tarfile.open(build.fetch_sdist(paths.cache_dir())) as tar:
             members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
             tar.extractall(work, members=members, filter="data")
         src = work / f"llama_cpp_python-{build.VERSION}" / "vendor" / "llama.cpp"
