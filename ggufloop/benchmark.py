@@ -27,12 +27,11 @@ from pathlib import Path
 
 from . import paths
 from .gguf_io import model_info
-from .plan import MIXES as PLAN_MIXES
-from .plan import LoopPlan
+from .plan import MIX_SPECS, LoopPlan
 
 STOCK_PYTHON = paths.stock_python()  # GGUFLOOP_STOCK_PYTHON, else .venv-stock/bin/python here (make stock)
 # every mix and rule is measured at K = 3; a weight table costs what the paper-* rules cost (same ops)
-MIXES = tuple(m for m in PLAN_MIXES if m not in ("none", "weights"))
+MIXES = tuple(n for n, m in MIX_SPECS.items() if n != "none" and m.kind != "table")
 
 
 @dataclass

@@ -31,17 +31,94 @@ from typing import BinaryIO
 
 from .errors import PlanError
 
-BLOCK_RULES = ("euler", "anchored", "inputanchor", "momentum")  # once per pass, at the block's last layer
-PAPER_RULES = ("paper-no", "paper-uniform", "paper-ema")  # the paper code's preset rows, softmax'd
-RULES = BLOCK_RULES + PAPER_RULES + ("weights",)  # the backend's rule table (llama_set_loop_rule)
-MIXES = ("none", "uniform", "ema", "autoalign", "noise") + RULES
+
+@dataclass(frozen=True)
+class MixSpec:
+    """One way to combine the passes, as the backend offers it (docs/method.md defines each).
+
+    kind: ``layer`` (llama_set_loop_mix: after every block layer), ``block`` (a block rule of the backend's
+    rule table, once per pass at the block's last layer), ``preset`` (the rule table's per-layer preset rows)
+    or ``table`` (the rule table's weight table). ``param``: the parameter's name in the notation (None: it
+    takes none), ``default`` its default (None: none, or one that depends on the plan), ``range`` a
+    human-readable domain; ``summary`` one line for the help and the README's table."""
+
+    name: str
+    kind: str
+    summary: str
+    param: str | None = None
+    default: float | None = None
+    range: str = ""
+
+    @property
+    def is_rule(self) -> bool:
+        """Set through the backend's rule table (llama_set_loop_rule) rather than llama_set_loop_mix."""
+        return self.kind != "layer"
+
+    @property
+    def notation(self) -> str:
+        return (
+            f"{self.name}:FILE" if self.kind == "table" else f"{self.name}[:{self.param}]" if self.param else self.name
+        )
+
+
+# every mix, in the order of the help; one entry per mix drives the lists below, parsing and every help text
+MIX_SPECS: dict[str, MixSpec] = {
+    m.name: m
+    for m in (
+        MixSpec("none", "layer", "naive looping: each pass takes the previous pass's output"),
+        MixSpec("uniform", "layer", "each block layer's output replaced by the running mean over passes"),
+        MixSpec("ema", "layer", "(1-beta)·reference + beta·current", "beta", 0.5, "[0, 1]"),
+        MixSpec("autoalign", "layer", "per token, softmax over passes of cos(reference, pass)/T", "T", 1.0, "> 0"),
+        MixSpec("noise", "layer", "control: the uniform update's size in a random direction", "seed", 0, "[0, 2**32)"),
+        MixSpec("euler", "block", "x ← x + h·(g(x) − x) (default h = 1/K)", "h", None, "[0, 1]"),
+        MixSpec(
+            "anchored", "block", "damped passes from g(x0), output beta·g(x0) + (1−beta)·h_K", "beta", 0.5, "[0, 1]"
+        ),
+        MixSpec("inputanchor", "block", "x ← a·g(x) + (1−a)·x0", "a", 0.5, "[0, 1]"),
+        MixSpec("momentum", "block", "heavy ball: x ← x + (g(x) − x)/K + mu·(x − x_prev)", "mu", 0.5, "[0, 1]"),
+        MixSpec("paper-no", "preset", "the authors' code's effective weights for no regularization (softmax'd rows)"),
+        MixSpec("paper-uniform", "preset", "the authors' code's effective uniform weights"),
+        MixSpec("paper-ema", "preset", "the authors' code's effective ema weights", "beta", 0.5, "[0, 1]"),
+        MixSpec("weights", "table", "any per-layer linear mix: a JSON or .npy table of weight rows"),
+    )
+}
+MIXES = tuple(MIX_SPECS)
+BLOCK_RULES = tuple(n for n, m in MIX_SPECS.items() if m.kind == "block")  # once per pass, at the block's last layer
+PAPER_RULES = tuple(n for n, m in MIX_SPECS.items() if m.kind == "preset")  # the paper code's preset rows, softmax'd
+RULES = tuple(n for n, m in MIX_SPECS.items() if m.is_rule)  # the backend's rule table (llama_set_loop_rule)
 # a rule's default parameter; None: it has none, or one that depends on the plan (euler's h = 1/K)
-RULE_DEFAULTS: dict[str, float | None] = {"anchored": 0.5, "inputanchor": 0.5, "momentum": 0.5, "paper-ema": 0.5}
-RULE_PARAMS = ("euler", "anchored", "inputanchor", "momentum", "paper-ema")  # the rules with a parameter, in [0, 1]
+RULE_DEFAULTS: dict[str, float | None] = {
+    n: m.default for n, m in MIX_SPECS.items() if m.is_rule and m.default is not None
+}
+RULE_PARAMS = tuple(n for n, m in MIX_SPECS.items() if m.is_rule and m.param)  # the rules with a parameter, in [0, 1]
+LAYER_PARAMS = tuple(n for n, m in MIX_SPECS.items() if m.kind == "layer" and m.param)  # ema, autoalign, noise
+
+
+def mix_help() -> str:
+    """The list of mixes as every --help gives it, from MIX_SPECS."""
+    groups = {"layer": [], "block": [], "preset": [], "table": []}
+    for m in MIX_SPECS.values():
+        groups[m.kind].append(m.notation)
+    return (
+        f"{', '.join(groups['layer'])}; block rules {', '.join(groups['block'])}; the paper code's "
+        f"{', '.join(groups['preset'])}; {', '.join(groups['table'])} (a table)"
+    )
+
+
+def mix_table() -> str:
+    """The README's table of mixes (tools/archs_doc.py writes it between its markers), from MIX_SPECS."""
+    rows = ["| mix | kind | what it does | parameter |", "|---|---|---|---|"]
+    for m in MIX_SPECS.values():
+        domain = f"in {m.range}" if m.range[:1] in "[(" else m.range
+        param = f"{m.param} {domain}" + (f", default {m.default:g}" if m.default is not None else "") if m.param else ""
+        rows.append(f"| `{m.notation}` | {m.kind} | {m.summary} | {param} |")
+    return "\n".join(rows)
+
+
 DECODES = ("full", "bypass")
 MOES = ("free", "freeze")  # MoE routing of the later passes: their own, or pass 0's (routing freeze)
-DEFAULT_BETA = 0.5
-DEFAULT_TEMPERATURE = 1.0
+DEFAULT_BETA = MIX_SPECS["ema"].default
+DEFAULT_TEMPERATURE = MIX_SPECS["autoalign"].default
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
 FLT_MAX = 3.4028234663852886e38
 MIN_TEMPERATURE = 1 / FLT_MAX  # below it 1/T overflows float32 and autoalign's weights become inf - inf = NaN
@@ -143,7 +220,7 @@ class Mix:
             return cls(name, table=read_table(arg.strip()))
         if not arg:
             return cls(name)
-        if name not in ("ema", "autoalign", "noise") + RULE_PARAMS:
+        if name not in LAYER_PARAMS + RULE_PARAMS:
             raise PlanError(f"mix {name!r} takes no parameter, got {arg!r}")
         try:
             value = int(arg) if name == "noise" else float(arg)

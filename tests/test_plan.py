@@ -131,3 +131,30 @@ def test_the_top_level_help_names_every_mix():
 
     text = " ".join(CliRunner().invoke(main, ["--help"]).output.split())
     assert [m for m in MIXES if m not in text] == []
+
+
+def test_the_mix_registry_drives_the_lists_the_help_and_the_readme():
+    """plan.MIX_SPECS is the one list of mixes: the backend's rule lists, parsing of every mix with and without
+    its parameter, the help of --mix and the README's table (make archs-doc) come from it."""
+    from pathlib import Path
+
+    from ggufloop import plan
+    from ggufloop.cli.options import MIX_HELP
+
+    assert plan.MIXES == tuple(plan.MIX_SPECS) and set(plan.RULES) == {
+        n for n, m in plan.MIX_SPECS.items() if m.is_rule
+    }
+    for name, spec in plan.MIX_SPECS.items():
+        assert spec.notation in MIX_HELP
+        if spec.kind == "table":
+            continue
+        mix = plan.Mix.parse(name)
+        assert str(mix) == name and plan.Mix.parse(str(mix)) == mix
+        if spec.param:
+            value = "7" if name == "noise" else "0.25"
+            assert str(plan.Mix.parse(f"{name}:{value}")) == f"{name}:{value}"
+        else:
+            with pytest.raises(PlanError, match="takes no parameter"):
+                plan.Mix.parse(f"{name}:0.25")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"<!-- mixes:begin (make archs-doc) -->\n{plan.mix_table()}\n<!-- mixes:end -->" in readme

@@ -1,7 +1,8 @@
 """Write the architectures the backend allows into README.md and docs/architectures.md, between their
-archs markers, as the backend lists them: `make archs-doc`. Everything outside the markers is left as
-it is (docs/architectures.md's hand-written sections too). tests/test_archs.py checks that both blocks
-still match the backend, so the list is never typed by hand."""
+archs markers, as the backend lists them, and the README's table of mixes from ggufloop.plan.MIX_SPECS:
+`make archs-doc`. Everything outside the markers is left as it is (docs/architectures.md's hand-written
+sections too). tests/test_archs.py and tests/test_plan.py check that the blocks still match the backend
+and the registry, so neither list is typed by hand."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import re
 from pathlib import Path
 
 from ggufloop._lib import supported_archs
+from ggufloop.plan import mix_table
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- archs:begin (make archs-doc) -->", "<!-- archs:end -->"
+MIXES_BEGIN, MIXES_END = "<!-- mixes:begin (make archs-doc) -->", "<!-- mixes:end -->"
 
 
 def readme_block(archs: tuple[str, ...]) -> str:
@@ -24,12 +27,17 @@ def page_block(archs: tuple[str, ...]) -> str:
     return f"{BEGIN}\n" + "".join(f"- {a}\n" for a in archs) + END
 
 
-def substitute(path: Path, block: str) -> None:
+def mixes_block() -> str:
+    """The README's table of mixes."""
+    return f"{MIXES_BEGIN}\n{mix_table()}\n{MIXES_END}"
+
+
+def substitute(path: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the text between path's markers (the markers included) with block."""
     text = path.read_text()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} block")
+        raise SystemExit(f"{path} has no {begin} ... {end} block")
     path.write_text(pattern.sub(lambda _: block, text))
 
 
@@ -37,6 +45,7 @@ def main() -> None:
     archs = supported_archs()
     substitute(ROOT / "README.md", readme_block(archs))
     substitute(ROOT / "docs" / "architectures.md", page_block(archs))
+    substitute(ROOT / "README.md", mixes_block(), MIXES_BEGIN, MIXES_END)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from ..errors import UserError
+from ..plan import mix_help
 
 # command name -> (module under ggufloop.cli, one-line help shown by `ggufloop --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -76,8 +77,9 @@ def main() -> None:
 
     A plan such as 10:15x3 runs layers 0..9, then 10..14 three times, then the rest; weights
     are shared and every pass has its own KV cache. --mix chooses how passes are combined:
-    none, uniform, ema[:beta], autoalign[:T], noise[:seed]; the block rules euler[:h],
-    anchored[:beta], inputanchor[:a], momentum[:mu]; the paper code's paper-no, paper-uniform,
-    paper-ema[:beta]; weights:FILE (a table); docs/method.md defines each.
+    {mixes}; docs/method.md defines each.
     """
     report_crashes()
+
+
+main.help = main.help.replace("{mixes}", mix_help())  # the list of mixes from the one registry (plan.MIX_SPECS)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import OptionError
-from ..plan import DECODES, MOES, LoopPlan, Mix
+from ..plan import DECODES, MOES, LoopPlan, Mix, mix_help
 from ..plan import MIXES as PLAN_MIXES
 
 if TYPE_CHECKING:
@@ -26,11 +26,7 @@ LOOP_HELP = (
     "0:20,10:30 (a general schedule)."
 )
 DEFAULT_CTX = 2048
-MIX_HELP = (
-    "How passes are mixed: none, uniform, ema[:beta], autoalign[:T], noise[:seed]; block rules euler[:h], "
-    "anchored[:beta], inputanchor[:a], momentum[:mu]; the paper code's paper-no, paper-uniform, "
-    "paper-ema[:beta]; weights:FILE (.json or .npy table, docs/method.md)."
-)
+MIX_HELP = f"How passes are mixed: {mix_help()} (docs/method.md)."
 DECODE_HELP = (
     "What generated tokens run: full (the plan) or bypass (the block once; prompts still run the plan). "
     "Default: the plan's own (PLAN@bypass), else full."
