@@ -303,6 +303,7 @@ def main() -> None:
     else:
         print(f"build: using cached wheel {wheel}")
     if args.no_install:
+        print(f"build: the wheel is {wheel}")  # tools/gpu-check installs it from this line
         return
     stamp = Path(sys.prefix) / "ggufloop-backend.stamp"
     if stamp.exists() and stamp.read_text() == str(wheel):
