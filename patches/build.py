@@ -105,8 +105,10 @@ def cuda_flags(cache: Path) -> list[str]:
 def default_cache() -> Path:
     """ggufloop's cache: GGUFLOOP_CACHE, else ggufloop/ in the XDG cache folder (as ggufloop.paths.cache_dir,
     which this script cannot import: it runs before ggufloop's dependencies exist)."""
-    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return Path(os.environ.get("GGUFLOOP_CACHE", xdg / "ggufloop"))
+    if os.environ.get("GGUFLOOP_CACHE"):
+        return Path(os.environ["GGUFLOOP_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "ggufloop"  # a relative one is ignored
 
 
 def fail(msg: str) -> None:

@@ -63,3 +63,25 @@ def test_the_trimmed_tree_holds_the_patched_sources(archive, tmp_path):
     trimmed = tmp_path / "trimmed" / fresh.name
     for rel in ("vendor/llama.cpp/src/llama-loop.cpp", "vendor/llama.cpp/src/llama-graph.cpp"):
         assert (trimmed / rel).read_bytes() == (fresh / rel).read_bytes(), rel
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"XDG_CACHE_HOME": "/tmp/xdg-abs"},
+        {"XDG_CACHE_HOME": "relative/cache"},  # the XDG spec: a relative path is invalid, ignored
+        {"XDG_CACHE_HOME": ""},
+        {"GGUFLOOP_CACHE": "/tmp/gl-cache", "XDG_CACHE_HOME": "relative"},
+    ],
+)
+def test_the_build_finds_the_cache_where_the_library_does(monkeypatch, env):
+    """patches/build.py keeps its own copy of the cache's location (it runs before ggufloop's dependencies
+    exist): the two agree on every setting of the variables."""
+    from ggufloop import paths
+
+    for name in ("XDG_CACHE_HOME", "GGUFLOOP_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert build.default_cache() == paths.cache_dir()
