@@ -117,6 +117,12 @@ llama_set_loop_moe = _declare("llama_set_loop_moe", [llama_context_p, ctypes.c_c
 # const char * llama_get_loop_moe(const struct llama_context * ctx);
 llama_get_loop_moe = _declare("llama_get_loop_moe", [llama_context_p], ctypes.c_char_p)
 
+# int32_t llama_model_set_loop_kv(struct llama_model * model, const char * kv);
+llama_model_set_loop_kv = _declare("llama_model_set_loop_kv", [llama_model_p, ctypes.c_char_p], ctypes.c_int32)
+
+# const char * llama_model_get_loop_kv(const struct llama_model * model);
+llama_model_get_loop_kv = _declare("llama_model_get_loop_kv", [llama_model_p], ctypes.c_char_p)
+
 # const char * llama_loop_last_error(void);
 llama_loop_last_error = _declare("llama_loop_last_error", [], ctypes.c_char_p)
 

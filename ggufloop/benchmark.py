@@ -27,11 +27,12 @@ from pathlib import Path
 
 from . import paths
 from .gguf_io import model_info
-from .plan import MIX_SPECS, LoopPlan
+from .plan import KV_MODES, MIX_SPECS, LoopPlan
 
 STOCK_PYTHON = paths.stock_python()  # GGUFLOOP_STOCK_PYTHON, else .venv-stock/bin/python here (make stock)
 # every mix and rule is measured at K = 3; a weight table costs what the paper-* rules cost (same ops)
 MIXES = tuple(n for n, m in MIX_SPECS.items() if n != "none" and m.kind != "table")
+KV_SHARED = tuple(kv for kv in KV_MODES if kv != "exact")  # the KV modes with one slot per layer
 
 
 @dataclass
@@ -168,11 +169,13 @@ def variants(
     mixes: tuple[str, ...] | None = None,
     duplicated: bool = False,
     graphs_off: bool = False,
+    kv_modes: bool = False,
 ) -> list[Variant]:
     """The variants of one model; the duplicated files are written into work. Mixes: every one at K = 3
     (None), or these at every K. The physically duplicated file runs in the stock build when there is one,
     else (``duplicated``) in the patched build without a plan. ``graphs_off`` adds a copy of every variant with
-    CUDA graphs disabled, its ratios taken against the unlooped variant with them disabled too."""
+    CUDA graphs disabled, its ratios taken against the unlooped variant with them disabled too. ``kv_modes`` adds
+    the KV modes first and last of the naive plan at every K (its vs_naive ratios: against the exact plan)."""
     from .gguf_io import write_duplicated
 
     n_layer = model_info(model).n_layer
@@ -184,6 +187,8 @@ def variants(
         plan = LoopPlan(start, end, k)
         ideal = plan.virtual_depth(n_layer) / n_layer
         out.append(Variant(f"{start}:{end}x{k} none", me, str(model), str(plan), ideal))
+        if kv_modes:
+            out += [Variant(f"{start}:{end}x{k} kv={kv}", me, str(model), f"{plan}@kv={kv}", ideal) for kv in KV_SHARED]
         if mixes is not None or k == 3:
             chosen = MIXES if mixes is None else mixes
             out += [Variant(f"{start}:{end}x{k} {mix}", me, str(model), f"{plan}/{mix}", ideal) for mix in chosen]
@@ -211,7 +216,7 @@ def summarize(results: dict[str, Result], vs: list[Variant]) -> list[dict]:
         p, d = med[v.name]
         base = med[v.base]
         suffix = v.name[len(v.name) - len(GRAPHS_OFF) :] if v.name.endswith(GRAPHS_OFF) else ""
-        naive = med.get(f"{v.name.split()[0]} none{suffix}") if v.plan.count("/") else None
+        naive = med.get(f"{v.name.split()[0]} none{suffix}") if "/" in v.plan or "@kv=" in v.plan else None
         rows.append(
             {
                 "variant": v.name,

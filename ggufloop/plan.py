@@ -17,6 +17,8 @@ Notation (slice semantics, as everywhere in ggufloop):
                          (``weights:[[1,0],[0.5,0.5]]``); docs/method.md gives the layout
   ``10:15x6/anchored@bypass`` generated tokens run the block once (``@full``, the default: the plan)
   ``10:15x3@freeze``     MoE models: later passes reuse pass 0's expert routing (``@free``, the default)
+  ``10:15x3@kv=first``   one KV slot per layer, not per pass, keeping pass 0's K/V (``@kv=last``: the last
+                         pass's); not exact: attention across ubatches changes (``@kv=exact``, the default)
   ``0:20,10:30``         a general schedule: layers 0..19 then 10..29 (no mixing)
   ``none``               the unlooped model
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 from .errors import PlanError
@@ -117,6 +119,11 @@ def mix_table() -> str:
 
 DECODES = ("full", "bypass")
 MOES = ("free", "freeze")  # MoE routing of the later passes: their own, or pass 0's (routing freeze)
+KV_MODES = (
+    "exact",
+    "first",
+    "last",
+)  # the KV slots of the passes: one each, or one per layer keeping pass 0's/the last's
 DEFAULT_BETA = MIX_SPECS["ema"].default
 DEFAULT_TEMPERATURE = MIX_SPECS["autoalign"].default
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
@@ -136,6 +143,7 @@ KEY_PARAM = "ggufloop.loop.param"  # a rule's parameter; < 0: its default
 KEY_WEIGHTS = "ggufloop.loop.weights"  # float32 array: the weight table, [m][K][K] flattened
 KEY_DECODE = "ggufloop.loop.decode"  # "full" or "bypass"
 KEY_MOE = "ggufloop.loop.moe"  # "free" or "freeze"
+KEY_KV = "ggufloop.loop.kv"  # "exact", "first" or "last"
 
 
 def f32(value: float) -> float:
@@ -471,6 +479,7 @@ class LoopPlan:
     mix: Mix = field(default_factory=Mix)
     decode: str = "full"  # what generated tokens run: the plan (full) or the block once (bypass)
     moe: str = "free"  # how MoE layers route the later passes: anew (free) or as pass 0 did (freeze)
+    kv: str = "exact"  # the passes' KV slots: one each (exact), or one per layer keeping pass 0's or the last's K/V
 
     def __post_init__(self) -> None:
         for n in (self.start, self.end, self.count, *(x for r in self.ranges for x in r)):
@@ -502,6 +511,13 @@ class LoopPlan:
         if self.moe == "freeze" and not self.end:
             raise PlanError(
                 "MoE routing freeze needs a start:end xcount plan (its later passes reuse pass 0's routing)"
+            )
+        if self.kv not in KV_MODES:
+            raise PlanError(f"unknown KV mode {self.kv!r}: expected exact, first or last")
+        if self.kv != "exact" and not (self.end and self.count >= 2):
+            raise PlanError(
+                f"KV mode {self.kv!r} needs a start:end xcount plan with count >= 2 (its later passes share "
+                "pass 0's KV slot)"
             )
         table = self.mix.table
         if table:
@@ -555,20 +571,24 @@ class LoopPlan:
             body = "none"
         text = body if self.mix.name == "none" else f"{body}/{self.mix}"
         text = text if self.decode == "full" else f"{text}@{self.decode}"
-        return text if self.moe == "free" else f"{text}@{self.moe}"
+        text = text if self.moe == "free" else f"{text}@{self.moe}"
+        return text if self.kv == "exact" else f"{text}@kv={self.kv}"
 
     def with_mix(self, mix: Mix | str) -> LoopPlan:
-        """The same layers, decode mode and MoE routing with another mix."""
-        mix = Mix.parse(mix) if isinstance(mix, str) else mix
-        return LoopPlan(self.start, self.end, self.count, self.ranges, mix, self.decode, self.moe)
+        """The same layers, decode mode, MoE routing and KV mode with another mix."""
+        return replace(self, mix=Mix.parse(mix) if isinstance(mix, str) else mix)
 
     def with_decode(self, decode: str) -> LoopPlan:
         """The same plan with another decode mode (full or bypass)."""
-        return LoopPlan(self.start, self.end, self.count, self.ranges, self.mix, decode.strip().lower(), self.moe)
+        return replace(self, decode=decode.strip().lower())
 
     def with_moe(self, moe: str) -> LoopPlan:
         """The same plan with another MoE routing (free or freeze)."""
-        return LoopPlan(self.start, self.end, self.count, self.ranges, self.mix, self.decode, moe.strip().lower())
+        return replace(self, moe=moe.strip().lower())
+
+    def with_kv(self, kv: str) -> LoopPlan:
+        """The same plan with another KV mode (exact, first or last)."""
+        return replace(self, kv=kv.strip().lower())
 
     def weights(self) -> list[float]:
         """The weight table of a ``weights`` mix as the backend takes it: [m][K][K] flattened."""
@@ -642,6 +662,7 @@ class LoopPlan:
             (KEY_PARAM, "float", -1.0 if self.mix.param is None else self.mix.param),
             (KEY_DECODE, "str", self.decode),
             (KEY_MOE, "str", self.moe),
+            (KEY_KV, "str", self.kv),
         ]
         if self.mix.table:
             entries.append((KEY_WEIGHTS, "floats", tuple(self.weights())))
@@ -719,6 +740,7 @@ class LoopPlan:
         )
         decode = str(get(KEY_DECODE, "str", "full"))
         moe = str(get(KEY_MOE, "str", "free"))
+        kv = str(get(KEY_KV, "str", "exact"))
         layers = str(get(KEY_LAYERS, "str", ""))
         block = [get(k, "int", None) for k in (KEY_START, KEY_END, KEY_COUNT)]  # type: ignore[arg-type]
         explicit_none = block == [0, 0, 1]
@@ -727,28 +749,34 @@ class LoopPlan:
                 raise PlanError(f"metadata has both {KEY_LAYERS} and a {KEY_START}/{KEY_END}/{KEY_COUNT} plan")
             plan = cls.parse(layers).with_mix(mix) if mix.name != "none" else cls.parse(layers)
             plan = plan.with_decode(decode) if decode != "full" else plan
-            return plan.with_moe(moe) if moe != "free" else plan
+            plan = plan.with_moe(moe) if moe != "free" else plan
+            return plan.with_kv(kv) if kv != "exact" else plan
         if all(v is not None for v in block):
             start, end, count = (int(v) for v in block)  # type: ignore[arg-type]
-            return cls(start, end, count, mix=mix, decode=decode, moe=moe)
+            return cls(start, end, count, mix=mix, decode=decode, moe=moe, kv=kv)
         if any(v is not None for v in block):
             raise PlanError(f"a loop plan needs {KEY_START}, {KEY_END} and {KEY_COUNT} together")
-        return cls(mix=mix, decode=decode, moe=moe)
+        return cls(mix=mix, decode=decode, moe=moe, kv=kv)
 
 
 def _options(text: str) -> tuple[str, dict[str, str]]:
-    """Split the trailing ``@option`` words off a plan's text: a decode mode (full, bypass) and an MoE
-    routing (free, freeze), each at most once."""
+    """Split the trailing ``@option`` words off a plan's text: a decode mode (full, bypass), an MoE
+    routing (free, freeze) and a KV mode (kv=exact, kv=first, kv=last), each at most once."""
     options: dict[str, str] = {}
+    names = {"decode": "decode mode", "moe": "MoE routing", "kv": "KV mode"}
     whole = text
     while True:
         head, at, tail = text.rpartition("@")
         word = tail.strip().lower()
         kind = "decode" if word in DECODES else "moe" if word in MOES else None
+        if word.startswith("kv=") or word == "kv":
+            kind, word = "kv", word.partition("=")[2].strip()
+            if word not in KV_MODES:
+                raise PlanError(f"plan {whole!r}: unknown KV mode {word!r}: expected @kv=exact, @kv=first or @kv=last")
         if not at or kind is None:
             return text, options
         if kind in options:
-            raise PlanError(f"plan {whole!r} gives the {'decode mode' if kind == 'decode' else 'MoE routing'} twice")
+            raise PlanError(f"plan {whole!r} gives the {names[kind]} twice")
         options[kind] = word
         text = head
 

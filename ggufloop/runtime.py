@@ -119,11 +119,20 @@ class LoopedLlama(llama_cpp.Llama):
         return _backend_moe(self.ctx)
 
     @property
+    def kv(self) -> str:
+        """What the KV cache keeps of the passes: "exact" (a slot per pass), "first" or "last" (a slot per layer)."""
+        return (
+            _lib.llama_model_get_loop_kv(self.model).decode() if _lib.llama_model_get_loop_kv is not None else "exact"
+        )
+
+    @property
     def plan(self) -> LoopPlan:
         """The plan read back from the backend."""
         start, end, count = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
         if _lib.llama_model_loop_plan(self.model, ctypes.byref(start), ctypes.byref(end), ctypes.byref(count)):
-            return LoopPlan(start.value, end.value, count.value, mix=self.mix, decode=self.decode, moe=self.moe)
+            return LoopPlan(
+                start.value, end.value, count.value, mix=self.mix, decode=self.decode, moe=self.moe, kv=self.kv
+            )
         schedule = self.schedule
         if schedule == list(range(self.n_layer_phys)):
             return LoopPlan()
@@ -132,8 +141,8 @@ class LoopedLlama(llama_cpp.Llama):
     # -- changing the plan ------------------------------------------------------------------
 
     def set_loop(self, loop: LoopPlan | str | None) -> None:
-        """Run another plan. A new layer schedule gives the context a fresh KV cache; a new mix on the
-        same layers only clears the cache.
+        """Run another plan. A new layer schedule or KV mode gives the context a fresh KV cache; a new mix
+        on the same layers only clears the cache.
 
         The plan is checked against the model before anything is torn down, so a refused plan leaves
         plan, mix and cache exactly as they were. Refused while a generation is streaming: finish or
@@ -141,15 +150,19 @@ class LoopedLlama(llama_cpp.Llama):
         plan = LoopPlan.parse(loop)
         self._check_idle()
         current = self.plan
-        if (plan.start, plan.end, plan.count, plan.ranges) == (
+        same_layers = (plan.start, plan.end, plan.count, plan.ranges) == (
             current.start,
             current.end,
             current.count,
             current.ranges,
-        ):
+        )
+        if same_layers and plan.kv == current.kv:
             self.set_mix(plan.mix)
             self.set_decode(plan.decode)
             self.set_moe(plan.moe)
+            return
+        if same_layers:
+            self._set_kv(plan, current)
             return
         plan.validate(self.n_layer_phys)
         arch = str(self.metadata.get("general.architecture", "unknown"))
@@ -178,12 +191,41 @@ class LoopedLlama(llama_cpp.Llama):
             self.set_decode(current.decode)
             self.set_moe(current.moe)
             _lib.check(status)
+        if plan.kv != "exact":  # a new schedule starts exact
+            self._set_kv(plan, current)
+            return
         self.set_mix(plan.mix)
         self.set_decode(plan.decode)
         try:
             self.set_moe(plan.moe)
         except _lib.BackendError:
             self.set_loop(current)  # a block without MoE layers: back to the plan that ran
+            raise
+
+    def _set_kv(self, plan: LoopPlan, fallback: LoopPlan) -> None:
+        """Run the plan's KV mode on its layers (already the model's): the KV cache's shape changes, so the
+        context is made anew. A refused mode (the model's memory has none) puts the model back on fallback."""
+        if _lib.llama_model_set_loop_kv is None:
+            raise _lib.BackendError("this build of the backend predates KV modes: rebuild it (make backend)")
+        _compat.free_context(self)
+        status = _lib.llama_model_set_loop_kv(self.model, plan.kv.encode())
+        reason = _lib.last_error()
+        try:
+            self._new_native_context()
+        except _lib.BackendError:
+            reason = _lib.last_error() or reason
+            status = -1
+            _lib.llama_model_set_loop_kv(self.model, b"exact")
+            self._new_native_context()
+        if status != 0:
+            self.set_loop(fallback)
+            raise _lib.BackendError(reason or f"KV mode {plan.kv!r} was refused")
+        self.set_mix(plan.mix)
+        self.set_decode(plan.decode)
+        try:
+            self.set_moe(plan.moe)
+        except _lib.BackendError:
+            self.set_loop(fallback)
             raise
 
     def _new_native_context(self) -> None:

@@ -96,6 +96,7 @@ TIERS = {
         "test_gpu",
         "test_gsm8k",
         "test_hardening_results",
+        "test_kv",
         "test_mix",
         "test_moe",
         "test_perplexity",

@@ -35,6 +35,11 @@ from .options import parse_counts, parse_mixes, quiet_llama_logs, writable_dir
     is_flag=True,
     help="Also time the physically duplicated file without the stock build (the patched build, no plan).",
 )
+@click.option(
+    "--kv-modes",
+    is_flag=True,
+    help="Also time the KV modes first and last (one KV slot per layer, not exact) of the naive plan at every K.",
+)
 @click.option("--n-gpu-layers", "-ngl", type=int, default=0, show_default=True, help="Layers offloaded (-1: all).")
 @click.option(
     "--cuda-graphs-off",
@@ -53,6 +58,7 @@ def command(
     no_stock: bool,
     mixes: str | None,
     duplicated: bool,
+    kv_modes: bool,
     n_gpu_layers: int,
     cuda_graphs_off: bool,
     output: str,
@@ -98,7 +104,7 @@ def command(
             s, e = blk.start, blk.end
         else:
             s, e = n_layer // 3, n_layer // 3 + max(1, n_layer // 6)
-        vs = variants(path, s, e, ks, stock, work, chosen, duplicated, cuda_graphs_off)
+        vs = variants(path, s, e, ks, stock, work, chosen, duplicated, cuda_graphs_off, kv_modes)
         results = {v.name: Result(v.name) for v in vs}
         with click.progressbar(length=repeats * len(vs), label=f"{path.stem}", file=sys.stderr) as bar:
             for _ in range(repeats):

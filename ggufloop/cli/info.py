@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+KV_NOTE = "one KV slot per layer, not per pass (the unlooped model's KV memory); not exact: logits depend on n_ubatch"
+
 
 def rows(model: str) -> list[tuple[str, str]]:
     """(label, value) lines about a model file, read from its header."""
@@ -23,6 +25,7 @@ def rows(model: str) -> list[tuple[str, str]]:
         ("chat template", "yes" if mi.has_chat_template else "no"),
         ("looping supported", support),
         ("stored plan", str(mi.stored_plan)),
+        *([("KV mode", f"{mi.stored_plan.kv}: {KV_NOTE}")] if mi.stored_plan.kv != "exact" else []),
     ]
 
 

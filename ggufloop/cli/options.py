@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 LOOP_HELP = (
     "Loop plan, e.g. 10:15x3 (layers 10..14, 3 passes in total), 10:15x3/uniform (with its mix) or "
-    "0:20,10:30 (a general schedule)."
+    "0:20,10:30 (a general schedule); options @bypass, @freeze, and @kv=first or @kv=last: one KV slot per "
+    "layer instead of per pass, the unlooped model's KV memory, not exact (logits then depend on the ubatch size)."
 )
 DEFAULT_CTX = 2048
 MIX_HELP = f"How passes are mixed: {mix_help()} (docs/method.md)."

@@ -66,8 +66,7 @@ def moe_ffn(spec: Spec, w: dict, h: np.ndarray, route: list | None) -> np.ndarra
     return out
 
 
-def layer(spec: Spec, w: dict, x: np.ndarray, pos: np.ndarray, swa: bool, route: list | None = None) -> np.ndarray:
-    """One decoder layer of the architecture on the states x [tokens, n_embd]; ``route``: see moe_ffn."""
+def _qkv(spec: Spec, w: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     T, H, KV, D = len(x), spec.n_head, spec.n_head_kv, spec.head_dim
     h = rms_norm(x, w["attn_norm.weight"], spec.eps)
     q, k, v = h @ w["attn_q.weight"].T, h @ w["attn_k.weight"].T, h @ w["attn_v.weight"].T
@@ -76,17 +75,36 @@ def layer(spec: Spec, w: dict, x: np.ndarray, pos: np.ndarray, swa: bool, route:
     q, k, v = q.reshape(T, H, D), k.reshape(T, KV, D), v.reshape(T, KV, D)
     if "attn_q_norm.weight" in w:
         q, k = rms_norm(q, w["attn_q_norm.weight"], spec.eps), rms_norm(k, w["attn_k_norm.weight"], spec.eps)
+    return q, k, v
+
+
+def layer(
+    spec: Spec,
+    w: dict,
+    x: np.ndarray,
+    pos: np.ndarray,
+    swa: bool,
+    route: list | None = None,
+    keys: np.ndarray | None = None,
+) -> np.ndarray:
+    """One decoder layer of the architecture on the states x [tokens, n_embd] at positions pos; ``route``: see
+    moe_ffn. ``keys``: the states [0..pos[-1]] whose K/V the layer attends to (its KV slot), else x itself."""
+    H, KV, D = spec.n_head, spec.n_head_kv, spec.head_dim
+    q = _qkv(spec, w, x)[0]
+    keys = x if keys is None else keys
+    kpos = pos if keys is x else np.arange(len(keys))
+    _, k, v = _qkv(spec, w, keys)
     base = spec.rope_base_swa if swa else spec.rope_base
-    q, k = rope(q, pos, base, spec.neox), rope(k, pos, base, spec.neox)
+    q, k = rope(q, pos, base, spec.neox), rope(k, kpos, base, spec.neox)
     k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)
     scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(D)
-    allowed = pos[None, :] <= pos[:, None]
+    allowed = kpos[None, :] <= pos[:, None]
     if swa:
-        allowed &= pos[:, None] - pos[None, :] < spec.n_swa
+        allowed &= pos[:, None] - kpos[None, :] < spec.n_swa
     scores = np.where(allowed[None], scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    attn = np.einsum("hts,shd->thd", p, v).reshape(T, H * D) @ w["attn_output.weight"].T
+    attn = np.einsum("hts,shd->thd", p, v).reshape(len(x), H * D) @ w["attn_output.weight"].T
     if spec.arch == "gemma3":
         attn = rms_norm(attn, w["post_attention_norm.weight"], spec.eps)
     x = x + attn
@@ -208,6 +226,8 @@ def forward(
     table: np.ndarray | None = None,
     generated: np.ndarray | None = None,
     moe: str = "free",
+    kv: str = "exact",
+    step: int | list[int] | None = None,
 ) -> np.ndarray:
     """Logits of every position for the plan (start, end, count) with the given mix.
 
@@ -215,42 +235,65 @@ def forward(
     positions decoded as generated tokens under decode bypass: they run pass 0 of the block only, and
     the K/V that they leave for pass t >= 1 are their pass-0 K/V, i.e. computed from their pass-0 input
     of that block layer (their rows of the later passes' inputs are replaced by it). ``moe``: "freeze"
-    makes the later passes of a block layer route as its pass 0 did (moe_ffn)."""
-    x = weights["token_embd.weight"][tokens].astype(np.float64)
+    makes the later passes of a block layer route as its pass 0 did (moe_ffn).
+
+    The tokens are evaluated ``step`` at a time, or in ubatches of the sizes listed (all at once by default).
+    ``kv``: the KV mode. "exact": every pass has its own KV slot. "first" and "last": the passes of a block layer share
+    one slot; the tokens of a ubatch attend among themselves to the K/V of their own pass, and to the K/V
+    that pass 0 ("first") or the last pass ("last") left in the slot for the earlier ubatches' tokens."""
+    n = len(tokens)
+    sizes = step if isinstance(step, list) else [step or n] * -(-n // (step or n))
+    bounds = np.cumsum([0, *sizes])
+    assert bounds[-1] >= n, "the ubatches cover the tokens"
+    emb = weights["token_embd.weight"][tokens].astype(np.float64)
     if spec.arch == "gemma3":
-        x = x * np.sqrt(spec.n_embd)
-    pos = np.arange(len(tokens))
+        emb = emb * np.sqrt(spec.n_embd)
     layers = [layer_weights(weights, il) for il in range(spec.n_layer)]
     swa = [spec.arch == "gemma3" and spec.swa_pattern[il] for il in range(spec.n_layer)]
+    gen_all = np.zeros(n, bool) if generated is None else np.asarray(generated, bool)
+    slots: dict[tuple[int, int], np.ndarray] = {}  # (layer, pass) -> the states whose K/V the slot holds
     m = end - start
-    for il in range(start):
-        x = layer(spec, layers[il], x, pos, swa[il])
-    gen = np.zeros(len(tokens), bool) if generated is None else np.asarray(generated, bool)
-    if m > 0:
-        outs: list[list[np.ndarray]] = [[] for _ in range(m)]
-        inputs0: list[np.ndarray] = []  # the pass-0 input of each block layer
-        routes: list[list | None] = [[] if moe == "freeze" else None for _ in range(m)]
-        x0 = x_in = x_prev = x
-        for t in range(count):
-            for j in range(m):
-                il = start + j
-                if t == 0:
-                    inputs0.append(x)
-                x = np.where(gen[:, None], inputs0[j], x)  # generated tokens: pass-0 inputs (and K/V)
-                outs[j].append(layer(spec, layers[il], x, pos, swa[il], routes[j]))
-                if mix in BLOCK_RULES:
-                    x = outs[j][-1]
-                    if j == m - 1:
-                        x = block_step(mix, x0, x_in, x, outs[m - 1][0], t, count, param, x_prev)
-                        x_prev, x_in = x_in, x
-                    continue
-                virtual = start + t * m + j
-                noise = noise_directions(seed, virtual, pos, spec.n_embd) if mix == "noise" and t else None
-                row = table[j][t] if table is not None else None
-                x = mix_passes(mix, outs[j], beta, temperature, noise, param, row)
-        x = np.where(gen[:, None], outs[m - 1][0], x)  # generated tokens leave the block after pass 0
-    for il in range(max(end, start), spec.n_layer):
-        x = layer(spec, layers[il], x, pos, swa[il])
-    x = rms_norm(x, weights["output_norm.weight"], spec.eps)
-    head = weights.get("output.weight", weights["token_embd.weight"])
-    return x @ head.T
+    out = []
+    for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True):
+        rows = slice(int(c0), min(n, int(c1)))
+        pos, x, gen = np.arange(n)[rows], emb[rows], gen_all[rows]
+
+        def run(il: int, x: np.ndarray, t: int = 0, route: list | None = None, rows=rows, pos=pos) -> np.ndarray:
+            slot = slots.setdefault((il, t if kv == "exact" else 0), np.zeros((n, x.shape[1])))
+            slot[rows] = x  # this ubatch's K/V, of this pass
+            return layer(spec, layers[il], x, pos, swa[il], route, slot[: rows.stop])
+
+        for il in range(start):
+            x = run(il, x)
+        if m > 0:
+            outs: list[list[np.ndarray]] = [[] for _ in range(m)]
+            inputs0: list[np.ndarray] = []  # the pass-0 input of each block layer
+            routes: list[list | None] = [[] if moe == "freeze" else None for _ in range(m)]
+            x0 = x_in = x_prev = x
+            for t in range(count):
+                for j in range(m):
+                    il = start + j
+                    if t == 0:
+                        inputs0.append(x)
+                    x = np.where(gen[:, None], inputs0[j], x)  # generated tokens: pass-0 inputs (and K/V)
+                    outs[j].append(run(il, x, t, routes[j]))
+                    if mix in BLOCK_RULES:
+                        x = outs[j][-1]
+                        if j == m - 1:
+                            x = block_step(mix, x0, x_in, x, outs[m - 1][0], t, count, param, x_prev)
+                            x_prev, x_in = x_in, x
+                        continue
+                    virtual = start + t * m + j
+                    noise = noise_directions(seed, virtual, pos, spec.n_embd) if mix == "noise" and t else None
+                    row = table[j][t] if table is not None else None
+                    x = mix_passes(mix, outs[j], beta, temperature, noise, param, row)
+            x = np.where(gen[:, None], outs[m - 1][0], x)  # generated tokens leave the block after pass 0
+            if kv == "first":
+                for j in range(m):
+                    slots[(start + j, 0)][rows] = inputs0[j]  # the slot keeps pass 0's K/V
+        for il in range(max(end, start), spec.n_layer):
+            x = run(il, x)
+        x = rms_norm(x, weights["output_norm.weight"], spec.eps)
+        head = weights.get("output.weight", weights["token_embd.weight"])
+        out.append(x @ head.T)
+    return np.concatenate(out)
