@@ -80,3 +80,47 @@ def test_bench_on_a_gpu_machines_options(tmp_path):
     assert rows["2:4x3 duplicated file (patched)"]["weights_mib"] > rows["2:4x3 none"]["weights_mib"]
     res = CliRunner().invoke(main, ["bench", str(path), "--no-stock", "--mixes", "uniform,bogus"])
     assert res.exit_code != 0 and "bogus" in res.output and "Traceback" not in res.output
+
+
+def test_bench_kv_modes_keep_the_unlooped_models_kv_memory(tiny_models, tmp_path):
+    """bench --kv-modes: the KV modes of the naive plan at every K, their KV cache the unlooped model's size
+    (as llama.cpp reports it), the exact plan's larger, and their ratios taken against the exact plan."""
+    args = ["bench", str(tiny_models["llama"][2]), "--no-stock", "--block", "2:4", "--counts", "2,3", "--mixes", "none"]
+    args += ["--kv-modes", "-r", "1", "--prompt-tokens", "16", "--decode-tokens", "4", "-o", str(tmp_path)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = {
+        r["variant"]: r
+        for r in next(iter(json.loads((tmp_path / "benchmarks.json").read_text())["models"].values()))["rows"]
+    }
+    assert list(rows) == ["patched, no plan"] + [
+        f"2:4x{k} {v}" for k in (2, 3) for v in ("none", "kv=first", "kv=last")
+    ]
+    for k in (2, 3):
+        for kv in ("first", "last"):
+            assert rows[f"2:4x{k} kv={kv}"]["kv_mib"] == rows["patched, no plan"]["kv_mib"]
+            assert rows[f"2:4x{k} kv={kv}"]["vs_naive_decode"] is not None
+        assert rows[f"2:4x{k} none"]["kv_mib"] > rows["patched, no plan"]["kv_mib"]
+
+
+def test_the_kv_quality_measure_is_llama_perplexitys_kld():
+    """bench/measure_kv.py's comparison (perplexity.compare_logprobs): identical distributions give KLD 0 and
+    every top the same; otherwise each token's KLD is the sum over the entries with log p > -16 of
+    p (log p - log q), by brute force."""
+    import math
+
+    import numpy as np
+
+    from ggufloop.eval.perplexity import compare_logprobs as compare
+    from ggufloop.numeric import log_softmax
+
+    rng = np.random.default_rng(0)
+    lp, lq = log_softmax(rng.normal(size=(5, 50)) * 4), log_softmax(rng.normal(size=(5, 50)) * 4)
+    targets = np.array([1, 2, 3, 4, 5])
+    same = compare(lp, lp, targets)
+    assert np.all(same.kld == 0) and same.same_top.all() and np.all(same.dp == 0)
+    got = compare(lq, lp, targets)
+    for t in range(5):
+        want = sum(math.exp(a) * (a - b) for a, b in zip(lp[t], lq[t], strict=True) if a > -16)
+        assert math.isclose(got.kld[t], want, rel_tol=1e-12)
+    assert np.allclose(got.nll, -lq[np.arange(5), targets])

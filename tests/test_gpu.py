@@ -77,6 +77,18 @@ def test_every_layer_on_the_gpu_equals_the_cpu(tiny_models, arch, plan):
     assert err < GPU_TOL, f"{arch} {plan}: GPU against CPU {err:.2e}"
 
 
+@pytest.mark.parametrize("plan", ("1:5x3@kv=first", "1:5x3/uniform@kv=last", "2:5x3/anchored@bypass@kv=first"))
+@pytest.mark.parametrize("arch", ("llama", "gemma3"))
+def test_kv_modes_over_ubatches_on_the_gpu_equal_the_cpu(tiny_models, arch, plan):
+    """One KV slot per block layer (the KV cache's layer reuse, and first's second write of pass 0's K/V) on
+    the GPU: the prompt in ubatches of 5, where the modes differ from exact."""
+    _, _, path = tiny_models[arch]
+    gpu = logits(path, loop=plan, step=5, n_gpu_layers=-1)
+    err = rel_err(gpu, logits(path, loop=plan, step=5, n_gpu_layers=0, op_offload=False))
+    _report(test="KV modes over ubatches", arch=arch, plan=plan, ngl=-1, rel_err=err, tol=GPU_TOL)
+    assert err < GPU_TOL, f"{arch} {plan}: GPU against CPU {err:.2e}"
+
+
 @pytest.mark.parametrize("plan", ("1:5x3", "1:5x3/uniform", "2:5x3/anchored", "0:3,1:6"))
 @pytest.mark.parametrize("ngl", (2, 3, 4))
 def test_a_block_across_the_cpu_gpu_boundary_equals_the_cpu(tiny_models, plan, ngl):

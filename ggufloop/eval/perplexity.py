@@ -379,6 +379,15 @@ class TokenStats:
     kld: np.ndarray
 
 
+def compare_logprobs(lq: np.ndarray, lp: np.ndarray, targets: np.ndarray) -> TokenStats:
+    """Per token, from whole distributions: KL(p || q) over the entries llama-perplexity sums (log p > -16),
+    the nll of both, delta-p and same top. lq, lp: log-probabilities [tokens, vocab]; targets: the next tokens."""
+    kld = np.where(lp > -16, np.exp(lp) * (lp - lq), 0.0).sum(-1)
+    idx = np.arange(len(targets))
+    nll_q, nll_p = -lq[idx, targets], -lp[idx, targets]
+    return TokenStats(nll_q, nll_p, np.exp(-nll_q) - np.exp(-nll_p), lq.argmax(-1) == lp.argmax(-1), kld)
+
+
 def plan_pass(llm, base: BaseLogProbs, progress: Progress | None = None) -> TokenStats:
     """Decode every chunk under the model's current plan and compare it with the base, token by token.
 
