@@ -15,6 +15,8 @@ PROGRAMS: dict[str, tuple[tuple[str, ...], str]] = {
     "llama-quantize": (("llama-quantize",), "requantize a model (the quantization scale)"),
     "llama-bench": (("llama-bench",), "prompt and generation throughput"),
     "llama-completion": (("llama-completion",), "one prompt, non-interactively"),
+    "llama-server": (("llama-server",), "llama.cpp's OpenAI-compatible server (no web UI)"),
+    "llama-cli": (("llama-cli",), "llama.cpp's chat program (-p PROMPT -st: one turn)"),
 }
 
 

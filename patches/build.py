@@ -41,6 +41,11 @@ COMMON_FLAGS = [
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DGGML_RPC=ON",
     "-DGGML_RPC_RDMA=OFF",
+    # llama.cpp's programs (tools.cmake picks those it installs), the server without its web UI: nothing downloaded
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
 ]
 # builds rpc-server and some of llama.cpp's programs (llama-perplexity, ...) in the same CMake build, into the
 # wheel (see the file); passed by content in the cache key, by path to CMake
@@ -58,10 +63,12 @@ X86_FLAGS = [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 # what a build needs of the patched tree, for a machine that cannot download the sdist (`make gpu-check-prep`):
 # llama-cpp-python's package and CMake project, and of llama.cpp its library, ggml with the backends below,
-# `common`, the programs patches/tools.cmake builds and the generator of tests/support/archs.py
+# `common`, its tools/ (LLAMA_BUILD_TOOLS configures every folder tools/CMakeLists.txt adds; the web UI's app is
+# not built: of tools/ui only what generates its empty asset table) and the generator of tests/support/archs.py
 KEEP_TOP = ("CMakeLists.txt", "pyproject.toml", "README.md", "LICENSE.md", "PKG-INFO", "llama_cpp", "vendor")
-KEEP_LLAMA_DIRS = ("cmake", "common", "ggml", "include", "licenses", "src", "vendor", "tools", "tests")
-KEEP_TOOLS = ("rpc", "perplexity", "quantize", "llama-bench", "completion")  # tools.cmake's programs
+KEEP_LLAMA_DIRS = ("cmake", "common", "ggml", "include", "licenses", "scripts", "src", "vendor", "tools", "tests")
+KEEP_SCRIPTS = ("ui-assets.cmake",)
+KEEP_UI = ("CMakeLists.txt", "sources.cmake", "ui.cpp.in", "ui.h.in")
 KEEP_TESTS = ("test-llama-archs.cpp",)
 KEEP_BACKENDS = ("ggml-cpu", "ggml-cuda", "ggml-rpc", "ggml-blas")
 
@@ -209,7 +216,8 @@ def trim(src: Path) -> None:
     keep_only(src, KEEP_TOP)
     keep_only(src / "vendor", ("llama.cpp",))
     keep_only(llama, KEEP_LLAMA_DIRS, files_too=False)  # its top-level files stay: CMake installs some
-    keep_only(llama / "tools", KEEP_TOOLS)
+    keep_only(llama / "scripts", KEEP_SCRIPTS)
+    keep_only(llama / "tools" / "ui", KEEP_UI)
     keep_only(llama / "tests", KEEP_TESTS)
     for entry in (llama / "ggml" / "src").iterdir():
         if entry.is_dir() and entry.name.startswith("ggml-") and entry.name not in KEEP_BACKENDS:

@@ -46,9 +46,12 @@ def test_the_trimmed_tree_has_what_the_builds_need_and_travels(archive):
         f"{llama}/ggml/src/ggml-rpc/ggml-rpc.cpp",
         f"{llama}/common/common.cpp",
         f"{llama}/tests/test-llama-archs.cpp",  # tests/support/archs.py's generator
-    ] + [f"{llama}/tools/{tool}/CMakeLists.txt" for tool in build.KEEP_TOOLS]
+        f"{llama}/scripts/ui-assets.cmake",  # the server's (empty) web UI table
+        f"{llama}/tools/ui/ui.cpp.in",
+        f"{llama}/tools/server/server-context.cpp",
+    ] + [f"{llama}/tools/{tool}/CMakeLists.txt" for tool in ("rpc", "perplexity", "quantize", "server", "cli", "mtmd")]
     assert not [n for n in needed if n not in names]
-    dropped = ("models", "docs", "examples", "tools/server", "ggml/src/ggml-vulkan", "ggml/src/ggml-metal")
+    dropped = ("models", "docs", "examples", "tools/ui/src", "ggml/src/ggml-vulkan", "ggml/src/ggml-metal")
     assert not [d for d in dropped if any(n.startswith(f"{llama}/{d}/") for n in names)]
     assert archive.stat().st_size < 16 * 2**20  # the device's working tree is 64 MiB, the whole repo included
 

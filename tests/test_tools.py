@@ -144,3 +144,79 @@ def test_llama_quantize_requantizes_a_model_that_then_loops(tiny_models, tmp_pat
     ref, got = (eval_logits(llm, PROMPT) for llm in (open_model(path, plan), open_model(q8, plan)))
     scale = np.abs(ref).max()
     assert 0 < np.abs(got - ref).max() < 0.05 * scale, np.abs(got - ref).max() / scale
+
+
+def _serve(path: Path, plan: str | None, port: int) -> subprocess.Popen:
+    """llama-server on loopback with the plan as --override-kv, once it answers /health."""
+    import time
+    import urllib.request
+
+    cmd = [str(tools.program("llama-server")), "-m", str(path), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-c", "256", "-t", "2", "-fa", "off", "-np", "1", *(overrides(plan) if plan else [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"llama-server exited: {proc.stderr.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("llama-server did not come up in 120 s")
+
+
+def _post(port: int, route: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{route}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.models
+def test_llama_server_completes_and_chats_under_a_plan():
+    """The patched llama-server with a plan as --override-kv: its greedy /completion is LoopedLlama's greedy
+    decode under the plan, token for token, and its chat answer differs from the unlooped server's."""
+    from ggufloop.models import resolve
+
+    from ports import free_port
+
+    path, prompt, n = resolve("smollm2-135m-instruct"), "The capital of France is", 24
+    chat = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32, "temperature": 0}
+    answers = {}
+    for plan in ("10:15x3/uniform", None):
+        port = free_port()
+        server = _serve(path, plan, port)
+        try:
+            done = _post(port, "/completion", {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1})
+            assert done["content"] == greedy(path, plan, prompt, n), (plan, done["content"])
+            reply = _post(port, "/v1/chat/completions", chat)
+            answers[plan] = reply["choices"][0]["message"]["content"]
+            assert len(answers[plan]) > 10, reply
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    assert answers["10:15x3/uniform"] != answers[None]  # the plan ran: another answer
+
+
+@pytest.mark.models
+def test_llama_cli_runs_one_prompt_under_a_plan():
+    """llama-cli, non-interactively (one turn, -st): under the plan its answer is not the unlooped model's."""
+    from ggufloop.models import resolve
+
+    path = resolve("smollm2-135m-instruct")
+
+    def answer(plan: str | None) -> str:
+        cmd = [str(tools.program("llama-cli")), "-m", str(path), "-p", "Name three colours.", "-st", "-n", "32"]
+        cmd += ["--temp", "0", "-t", "2", "-c", "256", "-fa", "off", *(overrides(plan) if plan else [])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    looped, plain = answer("10:15x3/uniform"), answer(None)
+    assert len(looped.strip()) > 10 and looped != plain, (looped, plain)
