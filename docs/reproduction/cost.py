@@ -9,6 +9,12 @@ docs/reproduction/cost/time-{halving,grid}.txt (GNU time's report of each timed 
 of its own). The item evaluations of a search do not depend on which rows a database already holds.
 Says whether halving chose the grid's best candidate, and if not, how its choice compares with it:
 paired on the search items (where the grid chose) and on the held-out items (where neither chose).
+
+With --cheaper DIR (``run.sh cheaper`` writes docs/reproduction/cost/cheaper), it also prints a table of the
+cheaper searches there (each tune-NAME.json: margin ranking, a smaller n0, a budget) against the grid: item
+evaluations and layer-item evaluations (each item evaluation weighed by the virtual depth of its plan, the
+layers it runs; items are not weighed by their token counts), the choice, its rank in the grid, and the choice
+against the grid's best, paired, on the search and the held-out items.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from pathlib import Path
 from ggufloop.eval.stats import compare
 from ggufloop.eval.store import Store, Unit
 from ggufloop.eval.tasks import PROMPT_VERSION
+from ggufloop.gguf_io import model_info
 from ggufloop.models import resolve
+from ggufloop.plan import LoopPlan
 
 HERE = Path(__file__).resolve().parent / "cost"
 
@@ -46,11 +54,101 @@ def final_scores(run: dict) -> dict[str, float]:
     return {plan: rungs[-1]["diff"] for plan, rungs in run["search"]["scores"].items()}
 
 
+def layer_evaluations(run: dict, n_layer: int) -> int:
+    """The search's item evaluations, each weighed by the virtual depth of its plan: a candidate scored on n items
+    (rungs reuse the earlier rungs' items) runs n x depth layer-items; the unlooped model, on the most items any
+    candidate was scored on, n_layer each."""
+    scores = run["search"]["scores"]
+    total = sum(rungs[-1]["n"] * LoopPlan.parse(plan).virtual_depth(n_layer) for plan, rungs in scores.items())
+    return total + max(rungs[-1]["n"] for rungs in scores.values()) * n_layer
+
+
+def cheaper_table(runs: Path, grid: dict, correct, n_layer: int) -> None:
+    """The cheaper searches of ``runs`` against the grid (see the module's docstring)."""
+    scores = final_scores(grid)
+    ranked = sorted(scores, key=lambda p: -scores[p])
+    best = ranked[0]
+    grid_layers = layer_evaluations(grid, n_layer)
+    print(
+        "| search | rank by | n0 | item evaluations | share of the grid | layer-item evaluations | share | choice | "
+        "its rank in the grid | vs grid's best, search [95% CI] | vs grid's best, held-out [95% CI] | held-out p |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in sorted(runs.glob("tune-*.json")):
+        run = json.loads(path.read_text())
+        search, chosen = run["search"], run["search"]["finalists"][0]
+        layers = layer_evaluations(run, n_layer)
+        cells = [
+            path.stem.removeprefix("tune-"),
+            search.get("rank") or "accuracy",
+            str(search["n0"]),
+            f"{search['evaluations']:,}",
+            f"1/{grid['search']['evaluations'] / search['evaluations']:.1f}",
+            f"{layers:,}",
+            f"1/{grid_layers / layers:.1f}",
+            f"`{chosen}`",
+            f"{ranked.index(chosen) + 1} of {len(ranked)}",
+        ]
+        for part in ("search", "heldout"):
+            c = compare(correct(best, part), correct(chosen, part))
+            cells.append(f"{c.diff:+.4f} [{c.ci_low:+.4f}, {c.ci_high:+.4f}]")
+        cells.append(f"{c.p_value:.3g}")
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print(
+        f"The grid: {grid['search']['evaluations']:,} item evaluations, {grid_layers:,} layer-item evaluations; "
+        f"its best on the search items `{best}`."
+    )
+
+
+def replays(store: Store, unit, grid: dict, task: str, trials: int) -> None:
+    """Successive halving replayed from the grid's stored rows in ``trials`` seeded item orders (the grid scored
+    every candidate on every search item, so a replay costs no model evaluation): how often each search finds
+    the grid's best, or one of its best 3 / 5, and how far its choice's score falls short of the best's."""
+    from ggufloop.eval.search import HalvingConfig, successive_halving
+
+    items = grid["split"]["items"][task]["search"]
+    plans = ["none", *grid["search"]["scores"]]
+    correct = {p: {task: {i: store.rows(unit(p))[i][0] for i in items}} for p in plans}
+    margins = {p: {task: store.margins(unit(p), items)} for p in plans}
+    scores = final_scores(grid)
+    ranked = sorted(scores, key=lambda p: -scores[p])
+
+    def table(source):
+        return lambda key, t, ids: {i: source[key][t][i] for i in ids}
+
+    print(f"Successive halving replayed from the grid's rows, {trials} item orders (eta 3):")
+    print()
+    print(
+        "| n0 | rank by | item evaluations | P(grid's best) | P(its top 3) | P(its top 5) | shortfall, points (mean) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n0 in (8, 32):
+        for rank in ("accuracy", "margin"):
+            hits, evals, gaps = [], [], []
+            for seed in range(trials):
+                config = HalvingConfig(n0=n0, eta=3, seed=seed, rank=rank)
+                result = successive_halving(
+                    ranked, {task: items}, table(correct), config, baseline="none", margin=table(margins)
+                )
+                chosen = result.finalists[0]
+                hits.append(ranked.index(chosen))
+                evals.append(result.evaluations)
+                gaps.append(100 * (scores[ranked[0]] - scores[chosen]))
+            share = lambda k, hits=hits: sum(h < k for h in hits) / trials  # noqa: E731
+            print(
+                f"| {n0} | {rank} | {sum(evals) / trials:,.0f} | {share(1):.2f} | {share(3):.2f} | {share(5):.2f} | "
+                f"{sum(gaps) / trials:.2f} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", required=True)
     parser.add_argument("--scorer", default=PROMPT_VERSION, help="scorer version of the rows (v1: before 2026-11-29)")
     parser.add_argument("--runs", type=Path, default=HERE, help="folder of tune-{halving,grid}.json")
+    parser.add_argument("--cheaper", type=Path, help="folder of cheaper searches' tune-NAME.json: their table only")
+    parser.add_argument("--replays", type=int, default=0, help="with --cheaper: also replay halving in N orders")
     args = parser.parse_args()
     halving = json.loads((args.runs / "tune-halving.json").read_text())
     grid = json.loads((args.runs / "tune-grid.json").read_text())
@@ -63,6 +161,12 @@ def main() -> None:
         rows = store.rows(unit(plan))
         return [rows[i][0] for i in halving["split"]["items"][task][part]]
 
+    if args.cheaper:
+        cheaper_table(args.cheaper, grid, correct, model_info(resolve(Path(halving["model"]).stem)).n_layer)
+        if args.replays:
+            print()
+            replays(store, unit, grid, task, args.replays)
+        return
     scores = final_scores(grid)
     ranked = sorted(scores, key=lambda p: -scores[p])
     best, chosen = ranked[0], halving["search"]["finalists"][0]

@@ -6,7 +6,7 @@
 # and exports them again after every step, so a killed run loses at most the step in flight.
 #
 #   bash docs/reproduction/run.sh            # everything that resumes: heldout, heatmap, families, choice
-#   bash docs/reproduction/run.sh cost       # one part: heldout | heatmap | families | choice | cost | gsm8k
+#   bash docs/reproduction/run.sh cost       # one part: heldout | heatmap | families | choice | cheaper | cost | gsm8k
 #
 # cost is a timing run from empty databases (about 45 min): it starts over every time, so it runs
 # only when named. gsm8k (issue 25's study, hours per plan) runs only when named too.
@@ -57,6 +57,21 @@ choice() {  # which plan each of cost's two searches picks, with the exact score
         sync_rows
     done
     "${PYTHON:-.venv/bin/python}" $OUT/cost.py --db "$DB" --runs $OUT/cost/choice > $OUT/cost/choice/summary.md
+}
+
+cheaper() {  # searches at about a twentieth of the grid (issue 28, item 3): margin ranking, a smaller n0, a budget,
+    # on choice's rows (the grid scored every candidate on every search item: only the held-out verdicts are new),
+    # then 100 replays of halving in other item orders from the same rows
+    local name args
+    mkdir -p $OUT/cost/cheaper
+    for name in margin:--rank=margin budget-accuracy:--budget=1330 budget-margin:--rank=margin,--budget=1330 \
+        n0-8-accuracy:--n0=8 n0-8-margin:--rank=margin,--n0=8; do
+        args=$(echo "${name#*:}" | tr ',=' '  ')
+        "$G" tune $COST $args --db "$DB" --json $OUT/cost/cheaper/tune-${name%%:*}.json > $OUT/cost/cheaper/tune-${name%%:*}.txt
+        sync_rows
+    done
+    "${PYTHON:-.venv/bin/python}" $OUT/cost.py --db "$DB" --runs $OUT/cost/choice --cheaper $OUT/cost/cheaper \
+        --replays 100 > $OUT/cost/cheaper/summary.md
 }
 
 families() {  # every way of looping, each tuned on the same candidates; judged against uniform on held-out items
