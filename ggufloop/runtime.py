@@ -454,6 +454,31 @@ class SideContext:
             if _lib.llama_set_loop_generating is not None:
                 _lib.llama_set_loop_generating(self.ctx, False)
 
+    def decode_states(self, states: np.ndarray, entries: Sequence[Entry]) -> list[int]:
+        """Decode one batch whose inputs are hidden states, [len(entries), n_embd] float32, instead of the
+        entries' tokens (llama.cpp's batch.embd: they enter the schedule's first virtual layer as the token
+        embeddings would; the embedding scale of some architectures applies to tokens only); the entries
+        give the positions, sequences and logits. Returns the rows for ``logits``, as ``decode`` does."""
+        states = np.ascontiguousarray(states, dtype=np.float32)
+        if states.ndim != 2 or states.shape[0] != len(entries):
+            raise ValueError(f"states of shape {states.shape} for {len(entries)} entries")
+        batch = llama_cpp.llama_batch_init(len(entries), states.shape[1], 1)
+        try:
+            rows = []
+            for j, (_, pos, seq, logits) in enumerate(entries):
+                batch.pos[j], batch.n_seq_id[j] = pos, 1
+                batch.seq_id[j][0], batch.logits[j] = seq, logits
+                if logits:
+                    rows.append(j)
+            ctypes.memmove(batch.embd, states.ctypes.data, states.nbytes)
+            batch.n_tokens = len(entries)
+            status = llama_cpp.llama_decode(self.ctx, batch)
+            if status != 0:
+                raise _lib.BackendError(f"llama_decode failed (status {status})")
+            return rows
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
     def logits(self, row: int) -> np.ndarray:
         """The logits of one row of the last decoded batch, copied as float64."""
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,)).astype(

@@ -100,6 +100,7 @@ TIERS = {
         "test_mix",
         "test_moe",
         "test_perplexity",
+        "test_prefix",
         "test_real_models",
         "test_rules",
         "test_trace",

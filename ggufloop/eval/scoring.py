@@ -3,7 +3,8 @@
 The tokens an item's choices share (its context) are decoded once on one sequence, whose KV
 cache is then shared with one sequence per choice (llama.cpp's sequence copy), and each choice
 decodes only its own tokens, one sequence per decode. Only the positions that predict a
-continuation token produce logits.
+continuation token produce logits. With ``prefix_cache``, a block plan runs from its first looped layer
+on, on states computed once per item (prefix.py); the scores are the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..numeric import log_softmax
 from ..plan import LoopPlan
 from ..rpc import Placement
 from ..runtime import Entry, LoopedLlama, SideContext
+from .prefix import PrefixStates, refusal, tail_plan
 from .tasks import Item
 
 
@@ -49,7 +51,9 @@ class Scorer:
         threads: int | None = None,
         kv_type: int | None = None,
         placement: Placement | None = None,
+        prefix_cache: int = 0,
     ) -> None:
+        """``prefix_cache``: bytes of hidden states prefix reuse may keep (0: off; not with a placement)."""
         self.llm = LoopedLlama(
             model_path,
             loop=LoopPlan.parse(plan),
@@ -61,27 +65,56 @@ class Scorer:
         )
         self.n_ctx, self.n_batch, self.n_seq, self.kv_type = n_ctx, n_batch, n_seq, kv_type
         self.ctx: SideContext | None = None
+        self._plan = self.llm.plan  # the plan scored; the model runs only its tail when _tail
+        self._tail = False
+        self.prefix: PrefixStates | None = None
+        if prefix_cache > 0:
+            if placement is not None:
+                raise _lib.BackendError("prefix reuse runs on this machine's model, not on a placement over servers")
+            self.prefix = PrefixStates(model_path, self.llm.n_layer_phys, self._context_sizes(), threads, prefix_cache)
         self._open_context()
+
+    def _context_sizes(self) -> dict:
+        return {
+            "n_ctx": self.n_ctx,
+            "n_batch": self.n_batch,
+            "n_ubatch": min(self.n_batch, 512),
+            "n_seq": self.n_seq,
+            "kv_type": self.kv_type,
+        }
 
     def _open_context(self) -> None:
         # room for several sequences that share their items' contexts
-        self.ctx = self.llm.side_context(self.n_ctx, self.n_batch, min(self.n_batch, 512), self.n_seq, self.kv_type)
+        self.ctx = self.llm.side_context(**self._context_sizes())
 
     def close(self) -> None:
         if self.ctx is not None:
             self.ctx.close()
             self.ctx = None
+        if self.prefix is not None:
+            self.prefix.close()
         self.llm.close()
 
     @property
     def plan(self) -> LoopPlan:
-        return self.llm.plan
+        return self._plan
+
+    @property
+    def reuses_prefix(self) -> bool:
+        """Whether the current plan is scored by prefix reuse (its tail, on stored states)."""
+        return self._tail
 
     def set_plan(self, plan: LoopPlan | str | None) -> None:
-        """Run another plan on the same model load."""
+        """Run another plan on the same model load (its tail only, where prefix reuse applies)."""
+        plan = LoopPlan.parse(plan)
+        run, tail = plan, False
+        if self.prefix is not None and refusal(plan, str(self.llm.metadata.get("general.architecture"))) is None:
+            plan.validate(self.llm.n_layer_phys)
+            run, tail = tail_plan(plan, self.llm.n_layer_phys), True
         self.ctx.close()
         try:
-            self.llm.set_loop(plan)
+            self.llm.set_loop(run)
+            self._plan, self._tail = plan, tail
         finally:
             self._open_context()
 
@@ -125,17 +158,12 @@ class Scorer:
                 f"item {p.item.id} needs {max(len(t) for t in p.tokens)} tokens and {len(p.tokens)} sequences, "
                 f"more than the scoring context ({self.n_ctx}, {self.n_seq}): its choices are too long"
             )
-        self.ctx.clear()
-        rows = self._decode([(tok, pos, 0, pos == p.shared - 1) for pos, tok in enumerate(p.tokens[0][: p.shared])])
-        for c in range(1, len(p.tokens) if p.shared else 1):
-            self.ctx.copy_sequence(0, c)  # before any choice adds its own tokens to sequence 0
-        for c, toks in enumerate(p.tokens):
-            rows |= self._decode(
-                [
-                    (toks[pos], pos, c, pos >= p.starts[c] - 1 and pos < len(toks) - 1)
-                    for pos in range(p.shared, len(toks))
-                ]
-            )
+        if self.reuses_prefix:
+            replay = lambda ctx, step: self._replay(p, ctx, step)  # noqa: E731
+            feed = iter(self.prefix.states(tuple(map(tuple, p.tokens)), self._plan.start - 1, replay))
+            rows = self._replay(p, self.ctx, lambda chunk: self._decode(chunk, next(feed)))
+        else:
+            rows = self._replay(p, self.ctx, self._decode)
         lls = []
         for c, toks in enumerate(p.tokens):
             # the row that predicts token k: the shared context's last row, or the choice's own
@@ -144,14 +172,37 @@ class Scorer:
             )
         return lls
 
-    def _decode(self, entries: list[Entry]) -> dict[tuple[int, int], np.ndarray]:
+    def _replay(self, p: _Prepared, ctx: SideContext, step) -> dict[tuple[int, int], np.ndarray]:
+        """The item's decode calls on ctx, each chunk of n_batch entries through step(chunk) -> rows:
+        the shared context on sequence 0, its cache shared with each choice, each choice's own tokens."""
+        ctx.clear()
+        rows: dict[tuple[int, int], np.ndarray] = {}
+
+        def run(entries: list[Entry]) -> None:
+            for at in range(0, len(entries), self.n_batch):
+                rows.update(step(entries[at : at + self.n_batch]))
+
+        run([(tok, pos, 0, pos == p.shared - 1) for pos, tok in enumerate(p.tokens[0][: p.shared])])
+        for c in range(1, len(p.tokens) if p.shared else 1):
+            ctx.copy_sequence(0, c)  # before any choice adds its own tokens to sequence 0
+        for c, toks in enumerate(p.tokens):
+            run(
+                [
+                    (toks[pos], pos, c, pos >= p.starts[c] - 1 and pos < len(toks) - 1)
+                    for pos in range(p.shared, len(toks))
+                ]
+            )
+        return rows
+
+    def _decode(self, entries: list[Entry], states: np.ndarray | None = None) -> dict[tuple[int, int], np.ndarray]:
         """Decode (token, position, sequence, wants logits) entries in chunks of n_batch; returns
-        the log-softmax rows keyed by (sequence, position)."""
+        the log-softmax rows keyed by (sequence, position). ``states``: the inputs of one chunk's
+        entries as hidden states instead of their tokens (prefix reuse)."""
         rows: dict[tuple[int, int], np.ndarray] = {}
         for at in range(0, len(entries), self.n_batch):
             chunk = entries[at : at + self.n_batch]
             try:
-                wanted = self.ctx.decode(chunk)
+                wanted = self.ctx.decode(chunk) if states is None else self.ctx.decode_states(states, chunk)
             except _lib.BackendError as err:
                 raise _lib.BackendError(f"{err} while scoring") from None
             for j in wanted:

@@ -1,0 +1,160 @@
+"""Prefix reuse: score a block plan from its first looped layer on, on hidden states computed once.
+
+A block plan s:e xK runs layers 0..s-1 exactly as the unlooped model does, so the states entering
+layer s are the same for every candidate that starts at s, item by item. ``PrefixStates`` computes
+them once per item on the unlooped model (llama.cpp's graph evaluation callback, the tensors
+``l_out-N``) and keeps them; the scorer then runs only the plan's tail, the schedule
+``s:e`` K times and ``e:L``, fed the stored states through llama.cpp's ``batch.embd``. The capture
+replays the scorer's own decode calls (the same batches, sequences and cache copies, in a context of
+the same sizes), so every kernel sees the shapes it sees in the full run and the logits are the full
+run's bit for bit (tests/test_prefix.py, on the tiny models of every verified architecture and on the
+packaged ones).
+
+What it saves: the layers 0..s-1 of every candidate after the first at each start, i.e. s of the
+plan's s + K(e-s) + (L-e) virtual layers, at the cost of one pass of at most L layers per item and
+start the first time (the capture runs layers 0..max start, shared by all starts).
+
+Not for every plan (``refusal`` says why, and the scorer then runs the full plan): mixes, KV modes
+and MoE freeze are defined on the block plan's own schedule (the backend's mixer finds its passes by
+their virtual layers, and a schedule without the first s layers has none of them), and only the
+architectures whose input path is verified exact are allowed (an architecture that adds position
+embeddings or per-layer inputs at layer 0 would see them twice or not at all).
+
+The states are float32, [tokens, n_embd] per decode call and layer, kept in memory under a bound in
+bytes (``Scorer(prefix_cache=...)``, ``--prefix-cache`` MiB). Over its bound the cache keeps what it
+holds, and a further item's states are captured again for each plan that needs them (a pass of at most
+the deepest start + 2 layers instead of s): units run one plan over all their items, so a
+least-recently-used cache would evict each item just before the next candidate asks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import llama_cpp
+import numpy as np
+
+from .. import _lib
+from ..plan import LoopPlan
+from ..runtime import Entry, LoopedLlama, SideContext
+
+# the architectures whose states fed through batch.embd give the full run's logits bit for bit
+# (tests/test_prefix.py): their input path is the token embeddings only. Not gemma3, though its states
+# pass too (its embedding scale applies to tokens alone): a tail of only its global-attention layers (a
+# block over the last layer, 5:6 of 6) makes llama.cpp abort creating the sliding-window cache
+PREFIX_ARCHS = ("llama", "qwen2", "qwen3")
+
+ItemKey = tuple[tuple[int, ...], ...]
+Calls = list[np.ndarray]  # per decode call: the states entering the first layer run, [entries, n_embd]
+
+
+def refusal(plan: LoopPlan, arch: str) -> str | None:
+    """Why prefix reuse cannot score this plan on this architecture, or None when it can."""
+    if plan.ranges or not plan.is_looped:
+        return "prefix reuse needs a start:end xcount plan"
+    if plan.start == 0:
+        return "the block starts at layer 0: there is no prefix to reuse"
+    if plan.mix.name != "none":
+        return f"mix {plan.mix.name!r} is defined on the whole schedule, not on its tail"
+    if plan.kv != "exact" or plan.moe != "free":
+        return "KV modes and MoE freeze are defined on the whole schedule, not on its tail"
+    if arch not in PREFIX_ARCHS:
+        return f"architecture {arch!r} is not verified for prefix reuse (verified: {', '.join(PREFIX_ARCHS)})"
+    return None
+
+
+def tail_plan(plan: LoopPlan, n_layer: int) -> LoopPlan:
+    """The schedule a block plan runs from its first looped layer on: s:e K times, then e:L."""
+    tail = ((plan.end, n_layer),) if plan.end < n_layer else ()
+    return LoopPlan(ranges=((plan.start, plan.end),) * plan.count + tail)
+
+
+class PrefixStates:
+    """The states entering each layer asked for, per item, from one capture on the unlooped model.
+
+    ``replay(ctx, step)`` must make the scorer's decode calls for the item on ``ctx``, each through
+    ``step(chunk)``; ``states(key, layer, replay)`` runs it on a context of the unlooped model when the
+    item's states for that layer are not kept, and returns them per call."""
+
+    def __init__(self, model_path: str, n_layer: int, context: dict, threads: int | None, bound: int) -> None:
+        self.model_path, self.n_layer, self.context, self.threads = model_path, n_layer, context, threads
+        self.bound, self.used = bound, 0
+        self.kept: dict[ItemKey, dict[int, Calls]] = {}
+        self.layers: set[int] = set()  # every layer asked for so far: captured for each new item
+        self.depth = 0  # the capture model's layers (0..depth-1): the deepest asked for, plus one
+        self.base: LoopedLlama | None = None
+        self.ctx: SideContext | None = None
+        self._parts: dict[int, list[np.ndarray]] = {}
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+        if self.base is not None:
+            self.base.close()
+            self.base = None
+
+    def _open(self, depth: int) -> None:
+        """A context on layers 0..depth-1 of the model, whose callback copies the layers asked for. The
+        deepest layer captured is never the last one run, whose rows llama.cpp prunes to the outputs."""
+        from ..trajectory import _ggml_base
+
+        ggml = _ggml_base()
+        names = {f"l_out-{il}".encode(): il for il in range(depth)}
+
+        @llama_cpp.ggml_backend_sched_eval_callback
+        def on_tensor(t, ask, user_data):
+            il = names.get(ggml.ggml_get_name(t) or b"")
+            if ask:
+                return il is not None and il in self._parts
+            if il is not None and il in self._parts:
+                part = np.empty((ggml.ggml_nelements(t) // self.n_embd, self.n_embd), dtype=np.float32)
+                ggml.ggml_backend_tensor_get(t, part.ctypes.data, 0, part.nbytes)
+                self._parts[il].append(part)
+            return True
+
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+        plan = LoopPlan(ranges=((0, depth),))
+        if self.base is None:
+            threads = {"n_threads": self.threads, "n_threads_batch": self.threads}
+            self.base = LoopedLlama(self.model_path, loop=plan, n_ctx=64, n_batch=64, **threads)
+            self.n_embd = self.base.n_embd()
+        else:
+            self.base.set_loop(plan)
+        self.ctx = self.base.side_context(cb_eval=on_tensor, **self.context)
+        self.depth = depth
+
+    def states(self, key: ItemKey, layer: int, replay: Callable[[SideContext, Callable], None]) -> Calls:
+        """The states leaving ``layer`` (entering layer + 1) for each of the item's decode calls."""
+        kept = self.kept.get(key, {})
+        if layer in kept:
+            return kept[layer]
+        self.layers.add(layer)
+        if layer + 2 > self.depth:
+            self._open(min(self.n_layer, max(self.layers) + 2))
+        wanted = sorted(self.layers - kept.keys())
+        calls: dict[int, Calls] = {il: [] for il in wanted}
+
+        def step(chunk: Sequence[Entry]) -> dict:
+            self._parts = {il: [] for il in wanted}
+            self.ctx.decode(chunk)
+            for il in wanted:
+                got = np.concatenate(self._parts[il]) if self._parts[il] else np.empty((0, self.n_embd), np.float32)
+                if got.shape[0] != len(chunk):
+                    raise _lib.BackendError(
+                        f"prefix reuse captured {got.shape[0]} states of layer {il} for a batch of {len(chunk)}"
+                    )
+                calls[il].append(got)
+            return {}
+
+        try:
+            replay(self.ctx, step)
+        finally:
+            self._parts = {}
+        size = sum(a.nbytes for c in calls.values() for a in c)
+        if self.used + size <= self.bound:  # over the bound: what is kept stays, this item is not kept
+            self.kept.setdefault(key, {}).update(calls)
+            self.used += size
+        return calls[layer]
