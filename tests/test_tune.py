@@ -169,6 +169,8 @@ def test_tune_refuses_bad_settings_with_one_line(tiny_models, tmp_path):
         (["--time-limit", "0s"], "must be positive"),
         (["--time-limit", "1m", "--grid"], "applies to successive halving"),
         (["--tasks", "gsm8k", "--rank", "margin"], "no log-likelihood margin"),
+        (["--tasks", "gsm8k", "--prefix-cache", "64"], "--prefix-cache applies to multiple-choice scoring"),
+        (["--prefix-cache", "64", "--cluster", "127.0.0.1:1"], "does not go with --cluster"),
     ]:
         proc = subprocess.run(
             [
@@ -226,3 +228,25 @@ def test_tune_ranks_by_margin_as_the_stored_rows_give(tiny_models, tmp_path):
     assert res["search"]["ranking"] == want
     assert [res["search"]["scores"][p][0]["margin_diff"] for p in cands] == pytest.approx([diff(p) for p in cands])
     assert len({round(diff(p), 6) for p in cands}) > 3  # the ranking is decided by the margins, not by ties
+
+
+def test_tune_with_prefix_reuse_stores_the_same_rows_and_verdict(tiny_models, tmp_path):
+    """--prefix-cache: the naive candidates are scored from their block's first layer on, on stored states;
+    every row in the store and the verdict are those of the run without it (the uniform ones run in full)."""
+    model = tiny_models["qwen3"][2]
+    runs = {}
+    for name, extra in (("full", []), ("reuse", ["--prefix-cache", "64"])):
+        db, out = tmp_path / f"{name}.sqlite", tmp_path / f"{name}.json"
+        args = tune_args(model, db, out)
+        args[args.index("--limit") + 1] = "24"
+        proc = subprocess.run([*args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = (rows(db), json.loads(out.read_text()))
+        if extra:  # 3 blocks x 2 counts naive: from their first layer on; x uniform: in full
+            assert (
+                "prefix reuse: 6 of 12 plans from their block's first layer on (the others: mix 'uniform'"
+                in proc.stderr
+            )
+    assert runs["reuse"][0] == runs["full"][0] and len(runs["full"][0]) > 100
+    assert runs["reuse"][1]["verdict"] == runs["full"][1]["verdict"]
+    assert runs["reuse"][1]["search"]["ranking"] == runs["full"][1]["search"]["ranking"]

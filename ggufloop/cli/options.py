@@ -222,6 +222,39 @@ def placement_options(fn: Callable) -> Callable:
     return fn
 
 
+def prefix_cache_option(fn: Callable) -> Callable:
+    """--prefix-cache MiB: prefix reuse for searches over naive block plans (ggufloop/eval/prefix.py)."""
+    return click.option(
+        "--prefix-cache",
+        type=click.IntRange(0),
+        default=0,
+        show_default=True,
+        metavar="MIB",
+        help="Score naive block plans s:e xK from layer s on, on the unlooped model's states kept for every item "
+        "(exact: the full run's scores bit for bit; llama, qwen2, qwen3), in at most MIB MiB of memory "
+        "(about tokens x width x 4 bytes per item and block start; over it, states are recomputed). "
+        "0: off. Saves the first s layers of every candidate after the first at each start.",
+    )(fn)
+
+
+def prefix_note(path: Path, plans: list, prefix_cache: int) -> None:
+    """Say how many of the plans --prefix-cache scores from their block's first layer on, and why not the rest."""
+    if not prefix_cache:
+        return
+    from ..eval.prefix import refusal
+    from ..gguf_io import model_info
+    from ..plan import LoopPlan
+
+    arch = model_info(path).arch
+    why = [refusal(LoopPlan.parse(str(p)), arch) for p in plans]
+    reasons = sorted({w for w in why if w})
+    click.echo(
+        f"prefix reuse: {why.count(None)} of {len(plans)} plans from their block's first layer on"
+        + (f" (the others: {'; '.join(reasons)})" if reasons else ""),
+        err=True,
+    )
+
+
 def runtime_options(fn: Callable) -> Callable:
     """Options shared by every command that runs a model (the plan options included)."""
     options = [

@@ -16,7 +16,7 @@ import click
 from ..errors import OptionError, PlanError, TaskError
 from ..eval.store import Store
 from ..plan import DECODES, LoopPlan, Mix
-from .options import store_options
+from .options import prefix_cache_option, prefix_note, store_options
 
 if TYPE_CHECKING:
     from ..eval.units import Request
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     help="gsm8k: the filter an answer's correctness is read with (both are stored).",
 )
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="results", show_default=True)
+@prefix_cache_option
 @store_options
 def command(
     model: str,
@@ -68,6 +69,7 @@ def command(
     max_new_tokens: int | None,
     gsm8k_format: str | None,
     metric: str,
+    prefix_cache: int,
 ) -> None:
     """Score every block range of MODEL at COUNT passes on one task; heatmap and CSV.
 
@@ -88,6 +90,8 @@ def command(
         raise OptionError("--max-new-tokens and --gsm8k-format apply to --task gsm8k")
     if task == gsm8k.TASK and (jobs > 1 or cluster):
         raise OptionError("gsm8k generates in this process, 8 answers per step: --jobs and --cluster do not apply")
+    if task == gsm8k.TASK and prefix_cache:
+        raise OptionError("--prefix-cache applies to multiple-choice scoring: gsm8k generates from the first layer on")
     path = resolve(model)
     n_layer = model_info(path).n_layer
     mixed = Mix.parse(mix)
@@ -123,7 +127,9 @@ def command(
         units = {p: unit_for(sha, the_task, shots, p, None) for p in plans}
         todo = [p for p, u in units.items() if not wanted <= store.done(u)]
         if todo:
-            _score(path, store, sha, threads, jobs, cluster, [Request(p, task, shots, limit) for p in todo], len(ids))
+            prefix_note(path, todo, prefix_cache)
+            requests = [Request(p, task, shots, limit) for p in todo]
+            _score(path, store, sha, threads, jobs, cluster, requests, len(ids), prefix_cache << 20)
         correct = {p: stored_correct(store, u) for p, u in units.items()}
     grid = cells(correct["none"], {b: correct[p] for b, p in block_plans.items()}, ids)
     store.close()
@@ -181,13 +187,14 @@ def _score(
     cluster: str | None,
     requests: list[Request],
     n_items: int,
+    prefix_cache: int = 0,
 ) -> None:
     """Every unit's missing rows into the store: on the Ray cluster, in --jobs worker processes, or here."""
     from ..eval.executors import open_executor
     from ..eval.ray_executor import ClusterConfig, RayExecutor
 
     config = ClusterConfig(cluster, threads or 1) if cluster else None
-    executor = open_executor(path, store, sha, threads, config, jobs=jobs)
+    executor = open_executor(path, store, sha, threads, config, jobs=jobs, prefix_cache=prefix_cache)
     try:
         with click.progressbar(
             length=len(requests) * n_items,

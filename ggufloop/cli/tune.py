@@ -9,7 +9,16 @@ from pathlib import Path
 import click
 
 from ..errors import OptionError
-from .options import parse_counts, parse_duration, parse_mixes, quiet_llama_logs, store_options, writable_file
+from .options import (
+    parse_counts,
+    parse_duration,
+    parse_mixes,
+    prefix_cache_option,
+    prefix_note,
+    quiet_llama_logs,
+    store_options,
+    writable_file,
+)
 
 
 def report(res) -> str:
@@ -187,6 +196,7 @@ def report(res) -> str:
     "(flexible-extract or strict-match; both are stored).",
 )
 @click.option("--threads", "-t", type=click.IntRange(1), default=None)
+@prefix_cache_option
 @store_options
 def command(
     model: str,
@@ -216,6 +226,7 @@ def command(
     max_new_tokens: int | None,
     gsm8k_format: str | None,
     metric: str,
+    prefix_cache: int,
 ) -> None:
     """Search for a loop plan that helps MODEL on the tasks, and judge it on held-out items.
 
@@ -259,6 +270,8 @@ def command(
         raise OptionError(
             "--cluster scores multiple-choice tasks; gsm8k generates in this process (--prefilter may use it)"
         )
+    if generative and prefix_cache:
+        raise OptionError("--prefix-cache applies to multiple-choice scoring: gsm8k generates from the first layer on")
     if not generative and (max_new_tokens is not None or gsm8k_format is not None):
         raise OptionError("--max-new-tokens and --gsm8k-format apply to --tasks gsm8k")
     task_list = [gsm8k.GSM8K] if generative else resolve_tasks(tasks)
@@ -284,6 +297,7 @@ def command(
             f"{last.candidates} plans on {low if low == high else f'{low}-{high}'} search items per task",
             err=True,
         )
+    prefix_note(path, setup.plans, prefix_cache)
     executor = None
     if generative:
         store = Store(db)
@@ -306,6 +320,7 @@ def command(
             cluster=ClusterConfig(cluster, threads or 1) if cluster else None,
             time_limit=seconds,
             executor=executor,
+            prefix_cache=prefix_cache << 20,
         )
     if generative:
         store.close()
