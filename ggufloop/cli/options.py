@@ -18,6 +18,7 @@ from ..plan import DECODES, MOES, LoopPlan, Mix, mix_help
 from ..plan import MIXES as PLAN_MIXES
 
 if TYPE_CHECKING:
+    from ..eval.prefix import PrefixConfig
     from ..gguf_io import ModelInfo
     from ..runtime import LoopedLlama
 
@@ -237,11 +238,12 @@ def prefix_cache_option(fn: Callable) -> Callable:
     )(fn)
 
 
-def prefix_note(path: Path, plans: list, prefix_cache: int) -> None:
-    """Say how many of the plans --prefix-cache scores from their block's first layer on, and why not the rest."""
-    if not prefix_cache:
-        return
-    from ..eval.prefix import refusal
+def prefix_config(path: Path, plans: list, mib: int) -> PrefixConfig | None:
+    """--prefix-cache's settings for these plans (None: off); says how many of them it scores from their
+    block's first layer on, and why not the rest."""
+    if not mib:
+        return None
+    from ..eval.prefix import PrefixConfig, refusal
     from ..gguf_io import model_info
     from ..plan import LoopPlan
 
@@ -253,6 +255,7 @@ def prefix_note(path: Path, plans: list, prefix_cache: int) -> None:
         + (f" (the others: {'; '.join(reasons)})" if reasons else ""),
         err=True,
     )
+    return PrefixConfig.for_plans(mib << 20, plans, arch)
 
 
 def runtime_options(fn: Callable) -> Callable:

@@ -16,9 +16,10 @@ import click
 from ..errors import OptionError, PlanError, TaskError
 from ..eval.store import Store
 from ..plan import DECODES, LoopPlan, Mix
-from .options import prefix_cache_option, prefix_note, store_options
+from .options import prefix_cache_option, prefix_config, store_options
 
 if TYPE_CHECKING:
+    from ..eval.prefix import PrefixConfig
     from ..eval.units import Request
 
 
@@ -127,9 +128,9 @@ def command(
         units = {p: unit_for(sha, the_task, shots, p, None) for p in plans}
         todo = [p for p, u in units.items() if not wanted <= store.done(u)]
         if todo:
-            prefix_note(path, todo, prefix_cache)
+            prefix = prefix_config(path, todo, prefix_cache)
             requests = [Request(p, task, shots, limit) for p in todo]
-            _score(path, store, sha, threads, jobs, cluster, requests, len(ids), prefix_cache << 20)
+            _score(path, store, sha, threads, jobs, cluster, requests, len(ids), prefix)
         correct = {p: stored_correct(store, u) for p, u in units.items()}
     grid = cells(correct["none"], {b: correct[p] for b, p in block_plans.items()}, ids)
     store.close()
@@ -187,14 +188,14 @@ def _score(
     cluster: str | None,
     requests: list[Request],
     n_items: int,
-    prefix_cache: int = 0,
+    prefix: PrefixConfig | None = None,
 ) -> None:
     """Every unit's missing rows into the store: on the Ray cluster, in --jobs worker processes, or here."""
     from ..eval.executors import open_executor
     from ..eval.ray_executor import ClusterConfig, RayExecutor
 
     config = ClusterConfig(cluster, threads or 1) if cluster else None
-    executor = open_executor(path, store, sha, threads, config, jobs=jobs, prefix_cache=prefix_cache)
+    executor = open_executor(path, store, sha, threads, config, jobs=jobs, prefix=prefix)
     try:
         with click.progressbar(
             length=len(requests) * n_items,

@@ -14,7 +14,7 @@ from .options import (
     parse_duration,
     parse_mixes,
     prefix_cache_option,
-    prefix_note,
+    prefix_config,
     quiet_llama_logs,
     store_options,
     writable_file,
@@ -297,7 +297,7 @@ def command(
             f"{last.candidates} plans on {low if low == high else f'{low}-{high}'} search items per task",
             err=True,
         )
-    prefix_note(path, setup.plans, prefix_cache)
+    prefix = prefix_config(path, setup.plans, prefix_cache)
     executor = None
     if generative:
         store = Store(db)
@@ -320,7 +320,7 @@ def command(
             cluster=ClusterConfig(cluster, threads or 1) if cluster else None,
             time_limit=seconds,
             executor=executor,
-            prefix_cache=prefix_cache << 20,
+            prefix=prefix,
         )
     if generative:
         store.close()

@@ -28,6 +28,7 @@ from typing import Protocol
 from ..errors import OptionError, TaskError
 from ..plan import LoopPlan
 from ..rpc import Placement
+from .prefix import PrefixConfig
 from .ray_executor import ClusterConfig, RayExecutor, worker_model
 from .store import Store
 from .tasks import TASKS, FewshotPool
@@ -54,12 +55,12 @@ class LocalExecutor:
         model_sha: str,
         threads: int | None = None,
         placement: Placement | None = None,
-        prefix_cache: int = 0,
+        prefix: PrefixConfig | None = None,
     ) -> None:
         from .scoring import Scorer
 
         self.store, self.model_sha = store, model_sha
-        self.scorer = Scorer(str(model), None, threads=threads, placement=placement, prefix_cache=prefix_cache)
+        self.scorer = Scorer(str(model), None, threads=threads, placement=placement, prefix=prefix)
 
     def run(self, requests: Sequence[Request], progress: Progress | None = None) -> list[Rows]:
         out = []
@@ -99,10 +100,17 @@ class ProcessExecutor:
     for progress (counting only the requested items) and stops the workers when it is stopped."""
 
     def __init__(
-        self, model: str | Path, store: Store, model_sha: str, threads: int | None, jobs: int, prefix_cache: int = 0
+        self,
+        model: str | Path,
+        store: Store,
+        model_sha: str,
+        threads: int | None,
+        jobs: int,
+        prefix: PrefixConfig | None = None,
     ) -> None:
         self.model, self.store, self.model_sha, self.jobs = str(model), store, model_sha, jobs
-        self.prefix_cache = prefix_cache // jobs  # the bound is for the machine
+        # the bound is for the machine
+        self.prefix = None if prefix is None else PrefixConfig(prefix.bound // jobs, prefix.starts)
         self.threads = max(1, (threads or os.cpu_count() or 1) // jobs)
 
     def run(self, requests: Sequence[Request], progress: Progress | None = None) -> list[Rows]:
@@ -129,7 +137,7 @@ class ProcessExecutor:
                 "model": self.model,
                 "db": str(self.store.path),
                 "threads": self.threads,
-                "prefix_cache": self.prefix_cache,
+                "prefix": None if self.prefix is None else asdict(self.prefix),
                 "parent": os.getpid(),
                 "requests": [_request_json(r) for r in todo[j::jobs]],
             }
@@ -171,20 +179,20 @@ def open_executor(
     cluster: ClusterConfig | None = None,
     placement: Placement | None = None,
     jobs: int = 1,
-    prefix_cache: int = 0,
+    prefix: PrefixConfig | None = None,
 ) -> Executor:
     """The executor the options ask for: Ray's with ``cluster``, ``jobs`` worker processes, else this process
-    (with the model's layers where ``placement`` puts them). ``prefix_cache``: bytes of hidden states that
-    prefix reuse may keep on this machine (``eval.prefix``; 0: off)."""
-    if prefix_cache and (cluster is not None or placement is not None):
+    (with the model's layers where ``placement`` puts them). ``prefix``: prefix reuse's settings, on this
+    machine (``eval.prefix``; None: off)."""
+    if prefix is not None and (cluster is not None or placement is not None):
         raise OptionError("--prefix-cache keeps states on this machine: it does not go with --cluster or --rpc")
     if cluster is not None:
         if placement is not None:
             raise OptionError("--rpc and --cluster do not go together: a cluster's workers load the model locally")
         return RayExecutor(cluster, worker_model(Path(model), model_sha), store)
     if jobs > 1:
-        return ProcessExecutor(model, store, model_sha, threads, jobs, prefix_cache)
-    return LocalExecutor(model, store, model_sha, threads, placement, prefix_cache)
+        return ProcessExecutor(model, store, model_sha, threads, jobs, prefix)
+    return LocalExecutor(model, store, model_sha, threads, placement, prefix)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -207,7 +215,8 @@ def main(argv: list[str]) -> None:
     quiet_logs()
     store = Store(spec["db"])
     sha = store.model_sha(spec["model"])
-    executor = LocalExecutor(spec["model"], store, sha, spec["threads"], prefix_cache=spec["prefix_cache"])
+    prefix = None if spec["prefix"] is None else PrefixConfig(spec["prefix"]["bound"], tuple(spec["prefix"]["starts"]))
+    executor = LocalExecutor(spec["model"], store, sha, spec["threads"], prefix=prefix)
     try:
         executor.run([_request_from_json(r) for r in spec["requests"]])
     finally:

@@ -21,15 +21,18 @@ architectures whose input path is verified exact are allowed (an architecture th
 embeddings or per-layer inputs at layer 0 would see them twice or not at all).
 
 The states are float32, [tokens, n_embd] per decode call and layer, kept in memory under a bound in
-bytes (``Scorer(prefix_cache=...)``, ``--prefix-cache`` MiB). Over its bound the cache keeps what it
-holds, and a further item's states are captured again for each plan that needs them (a pass of at most
-the deepest start + 2 layers instead of s): units run one plan over all their items, so a
-least-recently-used cache would evict each item just before the next candidate asks for it.
+bytes (``PrefixConfig.bound``, ``--prefix-cache`` MiB). The layers of every start declared in
+``PrefixConfig.starts`` (a search's candidates) are captured together, in one pass per item. Over its
+bound the cache keeps what it holds, and a further item's states are captured again for each plan that
+needs them (a pass of at most the deepest start + 2 layers instead of s): units run one plan over all
+their items, so a least-recently-used cache would evict each item just before the next candidate asks
+for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
@@ -46,6 +49,19 @@ PREFIX_ARCHS = ("llama", "qwen2", "qwen3")
 
 ItemKey = tuple[tuple[int, ...], ...]
 Calls = list[np.ndarray]  # per decode call: the states entering the first layer run, [entries, n_embd]
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """Prefix reuse's settings: the bytes of states it may keep, and the block starts of the plans to come."""
+
+    bound: int
+    starts: tuple[int, ...] = ()
+
+    @classmethod
+    def for_plans(cls, bound: int, plans: Iterable[LoopPlan | str], arch: str) -> PrefixConfig:
+        parsed = [LoopPlan.parse(str(p)) for p in plans]
+        return cls(bound, tuple(sorted({p.start for p in parsed if refusal(p, arch) is None})))
 
 
 def refusal(plan: LoopPlan, arch: str) -> str | None:
@@ -76,11 +92,12 @@ class PrefixStates:
     ``step(chunk)``; ``states(key, layer, replay)`` runs it on a context of the unlooped model when the
     item's states for that layer are not kept, and returns them per call."""
 
-    def __init__(self, model_path: str, n_layer: int, context: dict, threads: int | None, bound: int) -> None:
+    def __init__(self, model_path: str, n_layer: int, context: dict, threads: int | None, config: PrefixConfig) -> None:
         self.model_path, self.n_layer, self.context, self.threads = model_path, n_layer, context, threads
-        self.bound, self.used = bound, 0
+        self.bound, self.used = config.bound, 0
         self.kept: dict[ItemKey, dict[int, Calls]] = {}
-        self.layers: set[int] = set()  # every layer asked for so far: captured for each new item
+        # the layers declared and asked for so far: captured together for each new item
+        self.layers: set[int] = {s - 1 for s in config.starts if 0 < s < n_layer}
         self.depth = 0  # the capture model's layers (0..depth-1): the deepest asked for, plus one
         self.base: LoopedLlama | None = None
         self.ctx: SideContext | None = None

@@ -3,7 +3,7 @@
 The tokens an item's choices share (its context) are decoded once on one sequence, whose KV
 cache is then shared with one sequence per choice (llama.cpp's sequence copy), and each choice
 decodes only its own tokens, one sequence per decode. Only the positions that predict a
-continuation token produce logits. With ``prefix_cache``, a block plan runs from its first looped layer
+continuation token produce logits. With ``prefix``, a block plan runs from its first looped layer
 on, on states computed once per item (prefix.py); the scores are the same, bit for bit.
 """
 
@@ -18,7 +18,7 @@ from ..numeric import log_softmax
 from ..plan import LoopPlan
 from ..rpc import Placement
 from ..runtime import Entry, LoopedLlama, SideContext
-from .prefix import PrefixStates, refusal, tail_plan
+from .prefix import PrefixConfig, PrefixStates, refusal, tail_plan
 from .tasks import Item
 
 
@@ -51,9 +51,9 @@ class Scorer:
         threads: int | None = None,
         kv_type: int | None = None,
         placement: Placement | None = None,
-        prefix_cache: int = 0,
+        prefix: PrefixConfig | None = None,
     ) -> None:
-        """``prefix_cache``: bytes of hidden states prefix reuse may keep (0: off; not with a placement)."""
+        """``prefix``: score block plans by prefix reuse (prefix.py; not with a placement)."""
         self.llm = LoopedLlama(
             model_path,
             loop=LoopPlan.parse(plan),
@@ -68,10 +68,10 @@ class Scorer:
         self._plan = self.llm.plan  # the plan scored; the model runs only its tail when _tail
         self._tail = False
         self.prefix: PrefixStates | None = None
-        if prefix_cache > 0:
+        if prefix is not None and prefix.bound > 0:
             if placement is not None:
                 raise _lib.BackendError("prefix reuse runs on this machine's model, not on a placement over servers")
-            self.prefix = PrefixStates(model_path, self.llm.n_layer_phys, self._context_sizes(), threads, prefix_cache)
+            self.prefix = PrefixStates(model_path, self.llm.n_layer_phys, self._context_sizes(), threads, prefix)
         self._open_context()
 
     def _context_sizes(self) -> dict:

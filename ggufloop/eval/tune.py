@@ -25,6 +25,7 @@ from .tasks import FewshotPool, Task, resolve_tasks
 from .units import Request, unit_for
 
 if TYPE_CHECKING:
+    from .prefix import PrefixConfig
     from .ray_executor import ClusterConfig
 
 
@@ -270,7 +271,7 @@ def tune(
     cluster: ClusterConfig | None = None,
     time_limit: float | None = None,
     executor: Executor | None = None,
-    prefix_cache: int = 0,
+    prefix: PrefixConfig | None = None,
 ) -> TuneResult:
     """Search setup's candidates on the search items, then judge the finalists on the held-out items.
 
@@ -282,8 +283,8 @@ def tune(
     not end in time at the pace so far is not started); the held-out scoring comes after it.
     executor: what scores the main tasks (a GenerativeExecutor for gsm8k; it is closed here), made
     by ``executor_for`` on the same store. With ``setup.prefilter``, its tasks run first, on
-    the local or cluster executor, and only its survivors are searched. prefix_cache: bytes of hidden
-    states prefix reuse may keep (``prefix``; 0: off), for the multiple-choice scoring.
+    the local or cluster executor, and only its survivors are searched. prefix: prefix reuse's settings
+    (``prefix``; None: off), for the multiple-choice scoring.
     """
     go_on = search.TimeLimit(time_limit) if time_limit else None
     store = Store(db) if db else Store()
@@ -295,7 +296,7 @@ def tune(
         first = _prefilter(model, store, sha, setup.prefilter, shots, limit, threads, cluster, progress, go_on)
         plans = list(first.result.finalists)
     if executor is None:
-        executor = open_executor(model, store, sha, threads, cluster, prefix_cache=prefix_cache)
+        executor = open_executor(model, store, sha, threads, cluster, prefix=prefix)
 
     def request(plan: Hashable, task: str, item_ids: list[str]) -> Request:
         return Request(str(plan), task, shots, limit, tuple(item_ids), setup.pools[task])
