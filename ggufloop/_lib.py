@@ -60,6 +60,11 @@ llama_model_set_loop = _declare(
     "llama_model_set_loop", [llama_model_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32
 )
 
+# int32_t llama_model_set_loop_tail(struct llama_model * model, int32_t start, int32_t end, int32_t count);
+llama_model_set_loop_tail = _declare(
+    "llama_model_set_loop_tail", [llama_model_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32
+)
+
 # int32_t llama_model_set_layer_schedule(struct llama_model * model, const char * layers);
 llama_model_set_layer_schedule = _declare(
     "llama_model_set_layer_schedule", [llama_model_p, ctypes.c_char_p], ctypes.c_int32

@@ -55,6 +55,7 @@ class LoopedLlama(llama_cpp.Llama):
             overrides.update(plan.kv_overrides())
         kwargs.setdefault("verbose", False)
         self._devices = None
+        self._tail = False  # running only a plan's tail (set_loop_tail)
         if rpc:
             kwargs.setdefault("n_gpu_layers", -1)  # Llama's default, 0, would leave the servers unused
             split = kwargs.get("tensor_split")
@@ -156,6 +157,7 @@ class LoopedLlama(llama_cpp.Llama):
             current.count,
             current.ranges,
         )
+        same_layers = same_layers and not self._tail  # a tail's plan reads as 0:m xK of other layers
         if same_layers and plan.kv == current.kv:
             self.set_mix(plan.mix)
             self.set_decode(plan.decode)
@@ -175,6 +177,7 @@ class LoopedLlama(llama_cpp.Llama):
             raise _lib.BackendError(why)
         # the backend changes a schedule only while no context exists: free the native context, keep its wrapper
         _compat.free_context(self)
+        self._tail = False
         try:
             if plan.ranges:
                 status = _lib.llama_model_set_layer_schedule(
@@ -184,13 +187,14 @@ class LoopedLlama(llama_cpp.Llama):
                 status = _lib.llama_model_set_loop(self.model, plan.start, plan.end, plan.count)
             else:
                 status = _lib.llama_model_set_layer_schedule(self.model, b"")
+            reason = _lib.last_error()  # before the calls below replace it
         finally:
             self._new_native_context()
         if status != 0:
             self.set_mix(current.mix)  # the backend kept the old schedule; the cache is lost with the context
             self.set_decode(current.decode)
             self.set_moe(current.moe)
-            _lib.check(status)
+            raise _lib.BackendError(reason or "refused by the backend")
         if plan.kv != "exact":  # a new schedule starts exact
             self._set_kv(plan, current)
             return
@@ -201,6 +205,34 @@ class LoopedLlama(llama_cpp.Llama):
         except _lib.BackendError:
             self.set_loop(current)  # a block without MoE layers: back to the plan that ran
             raise
+
+    def set_loop_tail(self, loop: LoopPlan | str) -> None:
+        """Run only the tail of a block plan s:e xK, for prefix reuse (eval/prefix.py): layers s..e-1 K times,
+        then e..L-1, as the plan 0:(e-s) xK of those layers (what ``plan`` then reads), with the plan's mix and
+        decode mode; every batch must then come as layer s-1's output (``SideContext.decode_states``).
+        ``set_loop`` puts the model back on a whole plan."""
+        plan = LoopPlan.parse(loop)
+        self._check_idle()
+        if _lib.llama_model_set_loop_tail is None:
+            raise _lib.BackendError("this build of the backend predates plan tails: rebuild it (make backend)")
+        if plan.ranges or not plan.is_looped or plan.kv != "exact" or plan.moe != "free":
+            raise _lib.BackendError(f"plan {plan} has no tail to run: a start:end xcount plan with exact KV is needed")
+        plan.validate(self.n_layer_phys)
+        current = self.plan
+        _compat.free_context(self)
+        try:
+            status = _lib.llama_model_set_loop_tail(self.model, plan.start, plan.end, plan.count)
+            reason = _lib.last_error()
+        finally:
+            self._new_native_context()
+        if status != 0:  # the schedule stays; the context is new
+            self.set_mix(current.mix)
+            self.set_decode(current.decode)
+            self.set_moe(current.moe)
+            raise _lib.BackendError(reason or "refused by the backend")
+        self._tail = True
+        self.set_mix(plan.mix)
+        self.set_decode(plan.decode)
 
     def _set_kv(self, plan: LoopPlan, fallback: LoopPlan) -> None:
         """Run the plan's KV mode on its layers (already the model's): the KV cache's shape changes, so the

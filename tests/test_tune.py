@@ -231,21 +231,21 @@ def test_tune_ranks_by_margin_as_the_stored_rows_give(tiny_models, tmp_path):
 
 
 def test_tune_with_prefix_reuse_stores_the_same_rows_and_verdict(tiny_models, tmp_path):
-    """--prefix-cache: the naive candidates are scored from their block's first layer on, on stored states;
-    every row in the store and the verdict are those of the run without it (the uniform ones run in full)."""
+    """--prefix-cache: the naive and uniform candidates are scored from their block's first layer on, on stored
+    states; every row in the store and the verdict are those of the run without it (the noise ones run in full)."""
     model = tiny_models["qwen3"][2]
     runs = {}
     for name, extra in (("full", []), ("reuse", ["--prefix-cache", "64"])):
         db, out = tmp_path / f"{name}.sqlite", tmp_path / f"{name}.json"
         args = tune_args(model, db, out)
         args[args.index("--limit") + 1] = "24"
+        args[args.index("--mixes") + 1] = "none,uniform,noise:1"
         proc = subprocess.run([*args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr
         runs[name] = (rows(db), json.loads(out.read_text()))
-        if extra:  # 3 blocks x 2 counts naive: from their first layer on; x uniform: in full
-            assert (
-                "prefix reuse: 6 of 12 plans from their block's first layer on (the others: mix 'uniform'"
-                in proc.stderr
+        if extra:  # 3 blocks x 2 counts x 3 mixes: naive and uniform from their first layer on, noise in full
+            assert "prefix reuse: 12 of 18 plans from their block's first layer on (the others: the noise mix" in (
+                proc.stderr
             )
     assert runs["reuse"][0] == runs["full"][0] and len(runs["full"][0]) > 100
     assert runs["reuse"][1]["verdict"] == runs["full"][1]["verdict"]

@@ -13,8 +13,10 @@ paired on the search items (where the grid chose) and on the held-out items (whe
 With --cheaper DIR (``run.sh cheaper`` writes docs/reproduction/cost/cheaper), it also prints a table of the
 cheaper searches there (each tune-NAME.json: margin ranking, a smaller n0, a budget) against the grid: item
 evaluations and layer-item evaluations (each item evaluation weighed by the virtual depth of its plan, the
-layers it runs; items are not weighed by their token counts), the choice, its rank in the grid, and the choice
-against the grid's best, paired, on the search and the held-out items.
+layers it runs; items are not weighed by their token counts), the same with prefix reuse (``--prefix-cache``:
+a block plan s:e xK runs its virtual layers from s on, and every item any such candidate scores costs one
+capture pass of the deepest start + 1 layers; a plan prefix.refusal turns down runs in full), the choice, its rank in the grid, and the
+choice against the grid's best, paired, on the search and the held-out items.
 """
 
 from __future__ import annotations
@@ -54,30 +56,40 @@ def final_scores(run: dict) -> dict[str, float]:
     return {plan: rungs[-1]["diff"] for plan, rungs in run["search"]["scores"].items()}
 
 
-def layer_evaluations(run: dict, n_layer: int) -> int:
+def layer_evaluations(run: dict, n_layer: int, prefix: str | None = None) -> int:
     """The search's item evaluations, each weighed by the virtual depth of its plan: a candidate scored on n items
     (rungs reuse the earlier rungs' items) runs n x depth layer-items; the unlooped model, on the most items any
-    candidate was scored on, n_layer each."""
+    candidate was scored on, n_layer each. With ``prefix`` (the model's architecture), as prefix reuse runs them
+    (ggufloop/eval/prefix.py)."""
+    from ggufloop.eval.prefix import refusal
+
     scores = run["search"]["scores"]
-    total = sum(rungs[-1]["n"] * LoopPlan.parse(plan).virtual_depth(n_layer) for plan, rungs in scores.items())
-    return total + max(rungs[-1]["n"] for rungs in scores.values()) * n_layer
+    total, reused, deepest = 0, 0, 0
+    for plan, rungs in scores.items():
+        p, n = LoopPlan.parse(plan), rungs[-1]["n"]
+        skip = p.start if prefix and refusal(p, prefix) is None else 0
+        total += n * (p.virtual_depth(n_layer) - skip)
+        if skip:
+            reused, deepest = max(reused, n), max(deepest, p.start)
+    return total + reused * (deepest + 1) + max(rungs[-1]["n"] for rungs in scores.values()) * n_layer
 
 
-def cheaper_table(runs: Path, grid: dict, correct, n_layer: int) -> None:
+def cheaper_table(runs: Path, grid: dict, halving_run: dict, correct, n_layer: int, arch: str) -> None:
     """The cheaper searches of ``runs`` against the grid (see the module's docstring)."""
     scores = final_scores(grid)
     ranked = sorted(scores, key=lambda p: -scores[p])
     best = ranked[0]
     grid_layers = layer_evaluations(grid, n_layer)
     print(
-        "| search | rank by | n0 | item evaluations | share of the grid | layer-item evaluations | share | choice | "
-        "its rank in the grid | vs grid's best, search [95% CI] | vs grid's best, held-out [95% CI] | held-out p |"
+        "| search | rank by | n0 | item evaluations | share of the grid | layer-item evaluations | share | "
+        "with prefix reuse | share | choice | its rank in the grid | vs grid's best, search [95% CI] | "
+        "vs grid's best, held-out [95% CI] | held-out p |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(runs.glob("tune-*.json")):
         run = json.loads(path.read_text())
         search, chosen = run["search"], run["search"]["finalists"][0]
-        layers = layer_evaluations(run, n_layer)
+        layers, reused = layer_evaluations(run, n_layer), layer_evaluations(run, n_layer, prefix=arch)
         cells = [
             path.stem.removeprefix("tune-"),
             search.get("rank") or "accuracy",
@@ -86,6 +98,8 @@ def cheaper_table(runs: Path, grid: dict, correct, n_layer: int) -> None:
             f"1/{grid['search']['evaluations'] / search['evaluations']:.1f}",
             f"{layers:,}",
             f"1/{grid_layers / layers:.1f}",
+            f"{reused:,}",
+            f"1/{grid_layers / reused:.1f}",
             f"`{chosen}`",
             f"{ranked.index(chosen) + 1} of {len(ranked)}",
         ]
@@ -96,8 +110,15 @@ def cheaper_table(runs: Path, grid: dict, correct, n_layer: int) -> None:
         print("| " + " | ".join(cells) + " |")
     print()
     print(
-        f"The grid: {grid['search']['evaluations']:,} item evaluations, {grid_layers:,} layer-item evaluations; "
-        f"its best on the search items `{best}`."
+        f"The grid: {grid['search']['evaluations']:,} item evaluations, {grid_layers:,} layer-item evaluations "
+        f"({layer_evaluations(grid, n_layer, prefix=arch):,} with prefix reuse); its best on the search items `{best}`."
+    )
+    print()
+    print(
+        f"Today's halving (n0 32, accuracy; {runs.parent / 'choice'}): "
+        f"{layer_evaluations(halving_run, n_layer):,} layer-item evaluations, "
+        f"{layer_evaluations(halving_run, n_layer, prefix=arch):,} with prefix reuse "
+        f"(1/{grid_layers / layer_evaluations(halving_run, n_layer, prefix=arch):.1f} of the grid's)."
     )
 
 
@@ -162,7 +183,8 @@ def main() -> None:
         return [rows[i][0] for i in halving["split"]["items"][task][part]]
 
     if args.cheaper:
-        cheaper_table(args.cheaper, grid, correct, model_info(resolve(Path(halving["model"]).stem)).n_layer)
+        info = model_info(resolve(Path(halving["model"]).stem))
+        cheaper_table(args.cheaper, grid, halving, correct, info.n_layer, info.arch)
         if args.replays:
             print()
             replays(store, unit, grid, task, args.replays)

@@ -3,22 +3,22 @@
 A block plan s:e xK runs layers 0..s-1 exactly as the unlooped model does, so the states entering
 layer s are the same for every candidate that starts at s, item by item. ``PrefixStates`` computes
 them once per item on the unlooped model (llama.cpp's graph evaluation callback, the tensors
-``l_out-N``) and keeps them; the scorer then runs only the plan's tail, the schedule
-``s:e`` K times and ``e:L``, fed the stored states through llama.cpp's ``batch.embd``. The capture
-replays the scorer's own decode calls (the same batches, sequences and cache copies, in a context of
-the same sizes), so every kernel sees the shapes it sees in the full run and the logits are the full
-run's bit for bit (tests/test_prefix.py, on the tiny models of every verified architecture and on the
-packaged ones).
+``l_out-N``) and keeps them; the scorer then runs only the plan's tail (patch 0008,
+``LoopedLlama.set_loop_tail``: layers s..e-1 K times and e..L-1, as the plan 0:(e-s) xK of those
+layers, so the mixes and rules find the block's passes as the full plan has them), fed the stored
+states through llama.cpp's ``batch.embd``. The capture replays the scorer's own decode calls (the
+same batches, sequences and cache copies, in a context of the same sizes), so every kernel sees the
+shapes it sees in the full run and the logits are the full run's bit for bit (tests/test_prefix.py).
 
-What it saves: the layers 0..s-1 of every candidate after the first at each start, i.e. s of the
-plan's s + K(e-s) + (L-e) virtual layers, at the cost of one pass of at most L layers per item and
-start the first time (the capture runs layers 0..max start, shared by all starts).
+What it saves: the layers 0..s-1 of every candidate's evaluation, i.e. s of the plan's
+s + K(e-s) + (L-e) virtual layers, at the cost of one capture pass per item (the deepest declared
+start + 1 layers).
 
-Not for every plan (``refusal`` says why, and the scorer then runs the full plan): mixes, KV modes
-and MoE freeze are defined on the block plan's own schedule (the backend's mixer finds its passes by
-their virtual layers, and a schedule without the first s layers has none of them), and only the
-architectures whose input path is verified exact are allowed (an architecture that adds position
-embeddings or per-layer inputs at layer 0 would see them twice or not at all).
+Not for every plan (``refusal`` says why, and the scorer then runs the full plan): the noise mix
+draws its directions by virtual layer, which the tail numbers differently; KV modes and MoE freeze
+are not verified on a tail; and only the architectures whose input path is verified exact are
+allowed (one that adds position embeddings or per-layer inputs at layer 0 would see them twice or
+not at all).
 
 The states are float32, [tokens, n_embd] per decode call and layer, kept in memory under a bound in
 bytes (``PrefixConfig.bound``, ``--prefix-cache`` MiB). The layers of every start declared in
@@ -70,19 +70,13 @@ def refusal(plan: LoopPlan, arch: str) -> str | None:
         return "prefix reuse needs a start:end xcount plan"
     if plan.start == 0:
         return "the block starts at layer 0: there is no prefix to reuse"
-    if plan.mix.name != "none":
-        return f"mix {plan.mix.name!r} is defined on the whole schedule, not on its tail"
+    if plan.mix.name == "noise":
+        return "the noise mix draws by virtual layer, which the plan's tail numbers differently"
     if plan.kv != "exact" or plan.moe != "free":
-        return "KV modes and MoE freeze are defined on the whole schedule, not on its tail"
+        return "KV modes and MoE freeze are not verified on a plan's tail"
     if arch not in PREFIX_ARCHS:
         return f"architecture {arch!r} is not verified for prefix reuse (verified: {', '.join(PREFIX_ARCHS)})"
     return None
-
-
-def tail_plan(plan: LoopPlan, n_layer: int) -> LoopPlan:
-    """The schedule a block plan runs from its first looped layer on: s:e K times, then e:L."""
-    tail = ((plan.end, n_layer),) if plan.end < n_layer else ()
-    return LoopPlan(ranges=((plan.start, plan.end),) * plan.count + tail)
 
 
 class PrefixStates:

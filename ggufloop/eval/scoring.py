@@ -18,7 +18,7 @@ from ..numeric import log_softmax
 from ..plan import LoopPlan
 from ..rpc import Placement
 from ..runtime import Entry, LoopedLlama, SideContext
-from .prefix import PrefixConfig, PrefixStates, refusal, tail_plan
+from .prefix import PrefixConfig, PrefixStates, refusal
 from .tasks import Item
 
 
@@ -107,13 +107,13 @@ class Scorer:
     def set_plan(self, plan: LoopPlan | str | None) -> None:
         """Run another plan on the same model load (its tail only, where prefix reuse applies)."""
         plan = LoopPlan.parse(plan)
-        run, tail = plan, False
-        if self.prefix is not None and refusal(plan, str(self.llm.metadata.get("general.architecture"))) is None:
-            plan.validate(self.llm.n_layer_phys)
-            run, tail = tail_plan(plan, self.llm.n_layer_phys), True
+        tail = self.prefix is not None and refusal(plan, str(self.llm.metadata.get("general.architecture"))) is None
         self.ctx.close()
         try:
-            self.llm.set_loop(run)
+            if tail:
+                self.llm.set_loop_tail(plan)
+            else:
+                self.llm.set_loop(plan)
             self._plan, self._tail = plan, tail
         finally:
             self._open_context()
