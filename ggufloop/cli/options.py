@@ -232,9 +232,9 @@ def prefix_cache_option(fn: Callable) -> Callable:
         show_default=True,
         metavar="MIB",
         help="Score block plans s:e xK (any mix but noise) from layer s on, on the unlooped model's states kept for "
-        "every item (exact: the full run's scores bit for bit; llama, qwen2, qwen3), in at most MIB MiB of memory "
-        "(about tokens x width x 4 bytes per item and block start; over it, states are recomputed). "
-        "0: off. Saves the first s layers of every candidate after the first at each start.",
+        "every item (exact: the full run's scores bit for bit; llama, qwen2, qwen3, gemma3), in at most MIB MiB "
+        "of memory (about tokens x width x 4 bytes per item and block start; over it, states are recomputed). "
+        "0: off. Saves the first s layers of every candidate's evaluation, for one capture pass per item.",
     )(fn)
 
 

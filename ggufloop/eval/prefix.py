@@ -42,10 +42,10 @@ from ..plan import LoopPlan
 from ..runtime import Entry, LoopedLlama, SideContext
 
 # the architectures whose states fed through batch.embd give the full run's logits bit for bit
-# (tests/test_prefix.py): their input path is the token embeddings only. Not gemma3, though its states
-# pass too (its embedding scale applies to tokens alone): a tail of only its global-attention layers (a
-# block over the last layer, 5:6 of 6) makes llama.cpp abort creating the sliding-window cache
-PREFIX_ARCHS = ("llama", "qwen2", "qwen3")
+# (tests/test_prefix.py): their input path is the token embeddings only (gemma3's embedding scale
+# applies to tokens alone). A tail the backend refuses (gemma3's of only global-attention layers, which
+# leaves its sliding-window cache without a layer) runs in full.
+PREFIX_ARCHS = ("gemma3", "llama", "qwen2", "qwen3")
 
 ItemKey = tuple[tuple[int, ...], ...]
 Calls = list[np.ndarray]  # per decode call: the states entering the first layer run, [entries, n_embd]

@@ -111,8 +111,11 @@ class Scorer:
         self.ctx.close()
         try:
             if tail:
-                self.llm.set_loop_tail(plan)
-            else:
+                try:
+                    self.llm.set_loop_tail(plan)
+                except _lib.BackendError:  # a tail the backend refuses (prefix.PREFIX_ARCHS): the whole plan
+                    tail = False
+            if not tail:
                 self.llm.set_loop(plan)
             self._plan, self._tail = plan, tail
         finally:
