@@ -121,7 +121,8 @@ gsm8k() {  # GSM8K test (1,319 items; 8-shot chain of thought through the chat t
     # docs/reproduction.md §5: steps of (model, plan, items) in priority order, each paired against the unlooped
     # model on the same items, so that the answers reach git as they finish and a killed run loses at most one
     # step's unfinished answers (a step already done costs nothing: its rows are read back). The 1.5B model comes
-    # in early with the 0.5B's first plan, its block rescaled to 28 layers (11:14 of 24 -> 13:16).
+    # in early with the 0.5B's first plan, its block rescaled to 28 layers (11:14 of 24 -> 13:16; 15:19 -> 18:23, the
+    # same twelfths of the depth, so gsm8k.py pools them as one family). The floor (issue 25 §6.4) comes last.
     local step model plan limit name
     mkdir -p $OUT/gsm8k
     for step in \
@@ -130,7 +131,9 @@ gsm8k() {  # GSM8K test (1,319 items; 8-shot chain of thought through the chat t
         qwen2.5-coder-0.5b-instruct,11:14x3/uniform,1319 qwen2.5-coder-1.5b-instruct,13:16x3/uniform,400 \
         qwen2.5-coder-0.5b-instruct,15:19x3/uniform,400 qwen2.5-coder-0.5b-instruct,11:14x3/uniform@bypass,400 \
         qwen2.5-coder-0.5b-instruct,15:19x3/uniform,1319 qwen2.5-coder-1.5b-instruct,13:16x3/uniform,1319 \
-        qwen2.5-coder-0.5b-instruct,11:14x3/uniform@bypass,1319 qwen2.5-coder-0.5b-instruct,15:19x3/uniform@bypass,1319
+        qwen2.5-coder-1.5b-instruct,18:23x3/uniform,400 qwen2.5-coder-0.5b-instruct,11:14x3/uniform@bypass,1319 \
+        qwen2.5-coder-1.5b-instruct,18:23x3/uniform,1319 qwen2.5-coder-0.5b-instruct,15:19x3/uniform@bypass,1319 \
+        gemma3-270m,5:8x3/uniform,300 smollm2-135m-instruct,7:11x3/uniform,300
     do
         IFS=, read -r model plan limit <<< "$step"
         name=$OUT/gsm8k/eval-$model-$(echo "$plan" | tr ':/@' '___')
