@@ -69,7 +69,7 @@ KEEP_TOP = ("CMakeLists.txt", "pyproject.toml", "README.md", "LICENSE.md", "PKG-
 KEEP_LLAMA_DIRS = ("cmake", "common", "ggml", "include", "licenses", "scripts", "src", "vendor", "tools", "tests")
 KEEP_SCRIPTS = ("ui-assets.cmake",)
 KEEP_UI = ("CMakeLists.txt", "sources.cmake", "ui.cpp.in", "ui.h.in")
-KEEP_TESTS = ("test-llama-archs.cpp",)
+KEEP_TESTS = ("test-llama-archs.cpp", "test-loop.cpp")
 KEEP_BACKENDS = ("ggml-cpu", "ggml-cuda", "ggml-rpc", "ggml-blas")
 
 

@@ -11,6 +11,9 @@
 # - llama-server: llama.cpp's OpenAI-compatible server, without its web UI (LLAMA_BUILD_UI and
 #   LLAMA_USE_PREBUILT_UI off: the UI is an npm-built app, and nothing is downloaded at build time);
 # - llama-cli: llama.cpp's chat program (built on the server's library; `-p PROMPT -st` runs one turn).
+# - test-loop (tests/test-loop.cpp, patch 0009): llama.cpp's own test of a layer schedule against the physically
+#   duplicated file, in C (tests/test_tools.py runs it on the tiny models); built here because LLAMA_BUILD_TESTS,
+#   which would build it too, builds every other test as well.
 #
 # build.py turns llama.cpp's tools on (LLAMA_BUILD_TOOLS, LLAMA_BUILD_SERVER) and passes this file as
 # CMAKE_PROJECT_llama_cpp_INCLUDE, so CMake includes it right after project(llama_cpp) in llama-cpp-python's
@@ -40,4 +43,9 @@ function(_ggufloop_tools)
     foreach(target IN LISTS programs libraries)
         llama_cpp_python_install_target(${target})
     endforeach()
+    if (NOT TARGET test-loop)
+        add_executable(test-loop ${CMAKE_SOURCE_DIR}/vendor/llama.cpp/tests/test-loop.cpp)
+        target_link_libraries(test-loop PRIVATE llama)
+    endif()
+    llama_cpp_python_install_target(test-loop)
 endfunction()

@@ -1,7 +1,8 @@
 """llama.cpp's own programs from the patched tree (issue 26, item 4), each run with a plan as a user runs it:
 llama-completion with the plan as --override-kv against a greedy decode of LoopedLlama, llama-bench on a
 file with the plan baked in (it takes no overrides; one KV slot per pass shows that the plan ran),
-llama-quantize requantizing a model that then loops. llama-perplexity's test is in test_perplexity."""
+llama-quantize requantizing a model that then loops; and test-loop, the series' own C test, against a
+duplicated file. llama-perplexity's test is in test_perplexity."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from click.testing import CliRunner
 
 from ggufloop import LoopedLlama, LoopPlan, tools
 from ggufloop.cli import main
+from ggufloop.gguf_io import write_duplicated
 
 from conftest import PROMPT, eval_logits, open_model
+from tiny import ARCHS
 
 
 def overrides(plan: str) -> list[str]:
@@ -122,6 +125,28 @@ def test_llama_bench_reports_a_baked_plan(tiny_models, tmp_path):
         for m in (path, baked)
     ]  # fmt: skip
     assert [kv_layers(log) for log in logs] == [6, 6 + 2 * 2], [log[-2000:] for log in logs]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_cpp_test_loop_finds_a_schedule_equal_to_the_duplicated_file(arch, tiny_models, tmp_path):
+    """tests/test-loop.cpp (patch 0009), the mechanism's test in llama.cpp's own style and language: the schedule
+    0:4,2:6 (layers 2-3 twice) against the file with those layers physically copied, every logit bit for bit, as
+    one batch and then token by token. The oracle can fail: another schedule against the same file differs (exit
+    1), and a schedule the model cannot run is refused with the backend's reason (exit 2)."""
+    path = tiny_models[arch][2]
+    program = tools.lib_dir() / "test-loop"
+    assert program.is_file(), f"{program}: the backend was built without patches/tools.cmake's test-loop"
+    dup = write_duplicated(path, tmp_path / "dup.gguf", [0, 1, 2, 3, 2, 3, 4, 5])
+
+    def run(layers: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(program), str(path), layers, str(dup)], capture_output=True, text=True, timeout=120)
+
+    same = run("0:4,2:6")
+    assert same.returncode == 0 and "logits equal bit for bit" in same.stdout, same.stderr[-2000:]
+    other = run("0:3,1:6")  # layers 1-2 twice: the same depth, another model
+    assert other.returncode == 1 and "under the schedule" in other.stderr, other.stderr[-2000:]
+    refused = run("0:9")
+    assert refused.returncode == 2 and "refused" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_llama_quantize_requantizes_a_model_that_then_loops(tiny_models, tmp_path):
