@@ -675,6 +675,24 @@ def test_tune_searches_gsm8k_after_a_multiple_choice_prefilter(tiny_models, tmp_
     assert json.loads((tmp_path / "b.json").read_text())["verdict"] == run["verdict"]
 
 
+@pytest.mark.data
+def test_the_prefilter_scores_with_its_own_shots(tiny_models, tmp_path):
+    """--prefilter-shots: the prefilter's rows are scored with its shots and gsm8k's answers with --shots, so
+    that a GSM8K search can keep its own prompt while the prefilter reuses rows scored with another count."""
+    path, db = tiny_models["llama"][2], tmp_path / "r.sqlite"
+    args = ["tune", str(path), "--tasks", "gsm8k", "--prefilter", "arc_easy", "--prefilter-keep", "2"]
+    args += ["--prefilter-shots", "1", "--starts", "1:3", "--sizes", "2:3", "--counts", "2", "--mixes", "none"]
+    args += ["--limit", "8", "--n0", "2", "--max-new-tokens", "4", "--shots", "0", "-t", "1", "--db", str(db)]
+    proc = ggufloop(*args, "--json", str(tmp_path / "a.json"))
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((tmp_path / "a.json").read_text())
+    assert run["prefilter"]["shots"] == 1 and "prefilter on arc_easy (1-shot): " in proc.stdout
+    with sqlite3.connect(db) as con:
+        scored = set(con.execute("SELECT task, shots FROM results").fetchall())
+        generated = set(con.execute("SELECT task, shots FROM generations").fetchall())
+    assert scored == {("arc_easy", 1)} and generated == {("gsm8k", 0)}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -683,6 +701,7 @@ def test_tune_searches_gsm8k_after_a_multiple_choice_prefilter(tiny_models, tmp_
             "gsm8k is searched alone: give the multiple-choice tasks as --prefilter",
         ),
         (["tune", "--tasks", "arc_easy", "--max-new-tokens", "8"], "apply to --tasks gsm8k"),
+        (["tune", "--tasks", "gsm8k", "--prefilter-shots", "0"], "--prefilter-shots applies with --prefilter"),
         (["sweep", "--task", "gsm8k", "--jobs", "2"], "--jobs and --cluster do not apply"),
         (["sweep", "--task", "winogrande", "--gsm8k-format", "chat"], "apply to --task gsm8k"),
     ],

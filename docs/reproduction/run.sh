@@ -143,6 +143,18 @@ gsm8k() {  # GSM8K test (1,319 items; 8-shot chain of thought through the chat t
         sync_rows
         "${PYTHON:-.venv/bin/python}" $OUT/gsm8k.py --db "$DB" > $OUT/gsm8k/summary.md
     done
+    # step 1's third plan: the one a GSM8K search selects for the 0.5B model. Candidates: uniform blocks of 2-4
+    # layers starting in the middle half, K = 3 (naive blocks dropped out of every multiple-choice search, §2);
+    # a prefilter on §2's two tasks, 0-shot as there (so the rows it has are reused), keeping 6; then halving on
+    # GSM8K search items from n0 = 16 with the rungs' answers (8-shot chat, as above), one finalist, its verdict on
+    # the held-out GSM8K items
+    local tuned=$OUT/gsm8k/tune-qwen2.5-coder-0.5b-instruct
+    "$G" tune qwen2.5-coder-0.5b-instruct --tasks gsm8k --prefilter winogrande,arc_easy --prefilter-shots 0 \
+        --prefilter-keep 6 --starts 6:18 --sizes 2:5 --counts 3 --mixes uniform --n0 16 --finalists 1 -t $T \
+        --db "$DB" --json $tuned.json > $tuned.txt.part
+    mv $tuned.txt.part $tuned.txt
+    sync_rows
+    "${PYTHON:-.venv/bin/python}" $OUT/gsm8k.py --db "$DB" > $OUT/gsm8k/summary.md
 }
 
 sync_rows

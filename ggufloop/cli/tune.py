@@ -31,7 +31,9 @@ def report(res) -> str:
         f"split seed {res.split.seed}, {res.split.search_fraction:.0%} of each task's items for the search",
         *(
             [
-                f"prefilter on {', '.join(res.prefilter.tasks)}: {res.prefilter.result.evaluations} item evaluations, "
+                f"prefilter on {', '.join(res.prefilter.tasks)}"
+                + (f" ({res.prefilter.setup.shots}-shot)" if res.prefilter.setup.shots is not None else "")
+                + f": {res.prefilter.result.evaluations} item evaluations, "
                 f"kept {len(res.prefilter.result.finalists)} of {len(res.candidates)} plans: "
                 + ", ".join(res.prefilter.result.finalists)
             ]
@@ -176,6 +178,14 @@ def report(res) -> str:
 )
 @click.option("--prefilter-keep", type=click.IntRange(1), default=8, show_default=True, metavar="N")
 @click.option(
+    "--prefilter-shots",
+    type=click.IntRange(0),
+    default=None,
+    metavar="N",
+    help="Few-shot examples of the --prefilter tasks (default: --shots), so that a gsm8k search can keep its own "
+    "8-shot prompt while the prefilter reuses rows scored 0-shot.",
+)
+@click.option(
     "--max-new-tokens",
     type=click.IntRange(1),
     default=None,
@@ -223,6 +233,7 @@ def command(
     cluster: str | None,
     prefilter: str | None,
     prefilter_keep: int,
+    prefilter_shots: int | None,
     max_new_tokens: int | None,
     gsm8k_format: str | None,
     metric: str,
@@ -274,11 +285,14 @@ def command(
         raise OptionError("--prefix-cache applies to multiple-choice scoring: gsm8k generates from the first layer on")
     if not generative and (max_new_tokens is not None or gsm8k_format is not None):
         raise OptionError("--max-new-tokens and --gsm8k-format apply to --tasks gsm8k")
+    if prefilter_shots is not None and not prefilter:
+        raise OptionError("--prefilter-shots applies with --prefilter")
     task_list = [gsm8k.GSM8K] if generative else resolve_tasks(tasks)
     first = None
     if prefilter:
         first_tasks = resolve_tasks(prefilter)
-        first = Prefilter(tuple(first_tasks), prefilter_keep, search.HalvingConfig(n0=32, eta=eta, rank=rank))
+        halving_first = search.HalvingConfig(n0=32, eta=eta, rank=rank)
+        first = Prefilter(tuple(first_tasks), prefilter_keep, halving_first, prefilter_shots)
     cands = Candidates(starts, sizes, parse_counts(counts), parse_mixes(mixes))
     split = search.SplitConfig(split_seed, search_fraction)
     main_rank = "accuracy" if generative else rank  # a generated answer has no margin

@@ -72,6 +72,7 @@ class Prefilter:
     tasks: tuple[Task, ...]
     keep: int = 8
     halving: search.HalvingConfig = search.HalvingConfig()
+    shots: int | None = None  # its few-shot examples; None: the run's (tune's ``shots``)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class PrefilterResult:
         r = self.result
         return {
             "tasks": self.tasks,
+            "shots": self.setup.shots,
             "candidates": len(self.setup.plans),
             "kept": list(r.finalists),
             "evaluations": r.evaluations,
@@ -202,6 +204,7 @@ class Setup:
     schedule: search.Schedule | None = None  # successive halving's rungs (None for the grid)
     prefilter: Setup | None = None  # the first stage's own setup; then the main search has its keep candidates
     halving: search.HalvingConfig | None = None  # the settings it was prepared with (kept for a prefilter's)
+    shots: int | None = None  # a prefilter stage's own few-shot examples (None: the run's)
 
 
 def prepare(
@@ -225,6 +228,7 @@ def prepare(
     if prefilter is not None:
         keep = replace(prefilter.halving, top_k=min(prefilter.keep, len(plans)))
         first = prepare(model, list(prefilter.tasks), candidates, limit=limit, split=split, halving=keep)
+        first = replace(first, shots=prefilter.shots)
         n_main = min(prefilter.keep, len(plans))
     else:
         n_main = len(plans)
@@ -293,7 +297,10 @@ def tune(
     first = None
     plans = setup.plans
     if setup.prefilter is not None:
-        first = _prefilter(model, store, sha, setup.prefilter, shots, limit, threads, cluster, progress, go_on)
+        own = setup.prefilter.shots
+        first = _prefilter(
+            model, store, sha, setup.prefilter, shots if own is None else own, limit, threads, cluster, progress, go_on
+        )
         plans = list(first.result.finalists)
     if executor is None:
         executor = open_executor(model, store, sha, threads, cluster, prefix=prefix)
